@@ -1,0 +1,1 @@
+"""ddetr: Deformable DETR for PyTorch."""

@@ -1,0 +1,98 @@
+"""The multi-scale deformable attention module (paper §4.1): projections, offsets, weights and their init."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ddetr.ops import ms_deform_attn
+
+
+@dataclass
+class AttentionSample:
+    """What one attention call looked at: normalised (x, y) locations and softmaxed weights, for inspection."""
+
+    sampling_locations: torch.Tensor  # (N, Lq, M, L, P, 2)
+    attention_weights: torch.Tensor  # (N, Lq, M, L, P)
+
+
+class MSDeformAttn(nn.Module):
+    """Each query attends to ``n_points`` learned locations per head and level around its reference point.
+
+    Parameter names follow the official implementation so its checkpoints map one to one.
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.backend = backend
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official init: offsets point in 8 head directions at 1..K pixels, uniform attention, xavier projections."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(initial_offset_bias(self.n_heads, self.n_levels, self.n_points))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        value: torch.Tensor,
+        spatial_shapes: list[tuple[int, int]],
+        level_start_index: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        return_sample: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, AttentionSample]:
+        """query (N, Lq, C); reference_points (N, Lq, L, 2) as (x, y) or (N, Lq, L, 4) as (cx, cy, w, h), in [0, 1];
+        value (N, S, C) flattened levels; padding_mask (N, S) True on padding. Returns (N, Lq, C)."""
+        n, lq, _ = query.shape
+        m, lv, p = self.n_heads, self.n_levels, self.n_points
+        if len(spatial_shapes) != lv:
+            raise ValueError(f"module expects {lv} levels, got spatial_shapes for {len(spatial_shapes)}")
+        v = self.value_proj(value)
+        if padding_mask is not None:
+            v = v.masked_fill(padding_mask[..., None], 0.0)
+        v = v.view(n, value.shape[1], m, self.d_model // m)
+        offsets = self.sampling_offsets(query).view(n, lq, m, lv, p, 2)
+        weights = self.attention_weights(query).view(n, lq, m, lv * p).softmax(-1).view(n, lq, m, lv, p)
+        if reference_points.shape[-1] == 2:
+            wh = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device) \
+                if isinstance(spatial_shapes[0][0], int) else \
+                torch.stack([torch.stack([w, h]) for h, w in spatial_shapes]).to(offsets)
+            locations = reference_points[:, :, None, :, None, :] + offsets / wh[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            locations = (reference_points[:, :, None, :, None, :2]
+                         + offsets / p * reference_points[:, :, None, :, None, 2:] * 0.5)
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}")
+        out = ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights, backend=self.backend)
+        out = self.output_proj(out)
+        if return_sample:
+            return out, AttentionSample(locations.detach(), weights.detach())
+        return out
+
+
+def initial_offset_bias(n_heads: int, n_levels: int, n_points: int) -> torch.Tensor:
+    """Head h points along angle 2*pi*h/M, scaled so the larger component is 1, times (k+1) for point k."""
+    theta = torch.arange(n_heads, dtype=torch.float64) * (2.0 * math.pi / n_heads)
+    grid = torch.stack([theta.cos(), theta.sin()], -1)
+    grid = grid / grid.abs().max(-1, keepdim=True).values
+    grid = grid.view(n_heads, 1, 1, 2).repeat(1, n_levels, n_points, 1)
+    grid = grid * torch.arange(1, n_points + 1, dtype=torch.float64).view(1, 1, n_points, 1)
+    return grid.flatten().float()
