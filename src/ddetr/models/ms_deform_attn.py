@@ -32,6 +32,8 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
         self.backend = backend
+        self.record = False  # when True, keep the last call's AttentionSample in `self.recorded` (inspection)
+        self.recorded: AttentionSample | None = None
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -83,8 +85,12 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}")
         out = ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights, backend=self.backend)
         out = self.output_proj(out)
-        if return_sample:
-            return out, AttentionSample(locations.detach(), weights.detach())
+        if return_sample or self.record:
+            sample = AttentionSample(locations.detach(), weights.detach())
+            if self.record:
+                self.recorded = sample
+            if return_sample:
+                return out, sample
         return out
 
 
