@@ -64,7 +64,8 @@ def load_torchvision_weights(model: nn.Module, path: str | Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise ValueError(f"{path}: not a matching torchvision ResNet (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ValueError(f"{path}: not a matching torchvision ResNet "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
 class PositionEmbeddingSine(nn.Module):

@@ -100,7 +100,8 @@ class DeformableDETR(nn.Module):
         if masks is None:
             masks = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
         elif masks.shape != (images.shape[0], *images.shape[-2:]):
-            raise ValueError(f"masks must be (B, H, W) = {(images.shape[0], *images.shape[-2:])}, got {tuple(masks.shape)}")
+            expected = (images.shape[0], *images.shape[-2:])
+            raise ValueError(f"masks must be (B, H, W) = {expected}, got {tuple(masks.shape)}")
         srcs, level_masks = self._multiscale_features(images, masks.bool())
         return self._transformer_and_heads(srcs, level_masks)
 

@@ -22,7 +22,8 @@ _BACKENDS: dict[str, tuple[Callable[[torch.Tensor], bool], BackendFn]] = {}
 _AUTO_ORDER: list[str] = []
 
 
-def register_backend(name: str, available: Callable[[torch.Tensor], bool], fn: BackendFn, auto: bool = True) -> None:
+def register_backend(name: str, available: Callable[[torch.Tensor], bool], fn: BackendFn,
+                     auto: bool = True) -> None:
     """Add a backend; ``auto`` backends are tried in registration order by ``backend="auto"``."""
     _BACKENDS[name] = (available, fn)
     if auto and name not in _AUTO_ORDER:
@@ -59,9 +60,11 @@ def _check(value: torch.Tensor, shapes: Shapes, level_start_index: torch.Tensor 
         raise ValueError(f"attention_weights must be (N, Lq, M, L, P), got shape {tuple(attn.shape)}")
     n, s, m, _ = value.shape
     if tuple(loc.shape[:-1]) != tuple(attn.shape):
-        raise ValueError(f"sampling_locations {tuple(loc.shape)} and attention_weights {tuple(attn.shape)} disagree")
+        raise ValueError(f"sampling_locations {tuple(loc.shape)} and attention_weights {tuple(attn.shape)} "
+                         "disagree")
     if loc.shape[0] != n or loc.shape[2] != m:
-        raise ValueError(f"batch/head dims of sampling_locations {tuple(loc.shape)} do not match value {tuple(value.shape)}")
+        raise ValueError(f"batch/head dims of sampling_locations {tuple(loc.shape)} do not match "
+                         f"value {tuple(value.shape)}")
     if loc.shape[3] != len(shapes):
         raise ValueError(f"sampling_locations has {loc.shape[3]} levels but spatial_shapes has {len(shapes)}")
     if isinstance(shapes[0][0], int):
@@ -74,7 +77,8 @@ def _check(value: torch.Tensor, shapes: Shapes, level_start_index: torch.Tensor 
                 starts.append(acc)
                 acc += h * w
             if level_start_index.tolist() != starts:
-                raise ValueError(f"level_start_index {level_start_index.tolist()} does not match spatial_shapes ({starts})")
+                raise ValueError(f"level_start_index {level_start_index.tolist()} does not match "
+                                 f"spatial_shapes ({starts})")
     for name, t in (("value", value), ("sampling_locations", loc), ("attention_weights", attn)):
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
@@ -85,7 +89,8 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def ms_deform_attn_reference(value: torch.Tensor, shapes: Shapes, loc: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+def ms_deform_attn_reference(value: torch.Tensor, shapes: Shapes, loc: torch.Tensor,
+                             attn: torch.Tensor) -> torch.Tensor:
     """Pure-PyTorch path: one ``grid_sample`` per level, weighted and accumulated level by level."""
     n, _, m, d = value.shape
     lq, p = loc.shape[1], loc.shape[4]
