@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,20 +84,42 @@ class DetectorConfig:
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build a (nested) dataclass from a dict, refusing unknown keys by name."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
+    """Build a (nested) dataclass from a dict, refusing unknown keys by name; lists become tuples where typed so."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
     kwargs = {}
     for key, value in data.items():
-        ftype = names[key].type
-        sub = _DATACLASSES.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
-        kwargs[key] = from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
+        ftype = hints[key]
+        if dataclasses.is_dataclass(ftype):
+            value = from_dict(ftype, value)
+        elif typing.get_origin(ftype) is tuple and isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
     return cls(**kwargs)
 
 
-_DATACLASSES = {c.__name__: c for c in (ModelConfig, LossConfig, DetectorConfig)}
+def set_field(cfg: Any, dotted: str, text: str) -> None:
+    """Apply a ``--set key.sub=value`` override; the value is parsed as YAML (numbers, bools, lists, null)."""
+    *path, last = dotted.split(".")
+    target = cfg
+    for part in path:
+        if not hasattr(target, part):
+            raise ValueError(f"--set {dotted}: {type(target).__name__} has no field {part!r}")
+        target = getattr(target, part)
+    if not dataclasses.is_dataclass(target) or last not in {f.name for f in dataclasses.fields(target)}:
+        raise ValueError(f"--set {dotted}: {type(target).__name__} has no field {last!r}")
+    value = yaml.safe_load(text)
+    current = getattr(target, last)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    setattr(target, last, value)
+    if hasattr(target, "__post_init__"):
+        target.__post_init__()
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -1,0 +1,5 @@
+"""`python -m ddetr` is the same tool as the `ddetr` console script."""
+
+from ddetr.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The `ddetr` command-line tool."""

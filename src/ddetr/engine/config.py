@@ -1,0 +1,77 @@
+"""Training configuration: the detector, the data, the optimiser and the loop, as one typed, serialisable object."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ddetr.engine.optim import OptimConfig
+from ddetr.models.config import DetectorConfig, from_dict, preset
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how images are sized; defaults are the paper's augmentation and val resize."""
+
+    train: str | None = None  # DIR holding annotations.json + images/
+    val: str | None = None
+    train_images: str | None = None  # explicit paths override DIR
+    train_annotations: str | None = None
+    val_images: str | None = None
+    val_annotations: str | None = None
+    scales: tuple[int, ...] = tuple(range(480, 801, 32))  # shorter side choices for training
+    max_size: int = 1333
+    crop: bool = True  # the paper's resize-crop branch (p = 0.5)
+    crop_scales: tuple[int, ...] = (400, 500, 600)
+    crop_size: tuple[int, int] = (384, 600)
+    val_size: int = 800
+    num_workers: int = 2
+    skip_bad: bool = False  # skip (and count) bad images/annotations instead of failing
+
+
+@dataclass
+class TrainConfig:
+    """Everything `ddetr train` needs; saved into every checkpoint so a run can be resumed or reproduced."""
+
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 50
+    batch_size: int = 2  # per process
+    accumulate: int = 1  # gradient accumulation steps
+    amp: str = "none"  # none | bf16 | fp16 (fp16 uses a grad scaler)
+    seed: int = 42
+    output_dir: str = "runs/train"
+    time_budget: float | None = None  # seconds; stop when the next epoch would not fit, drop lr at lr_drop_fraction
+    lr_drop_fraction: float = 0.8  # with time_budget: fraction of the budget after which the lr is dropped
+    checkpoint_every: int = 0  # also write `last` every N optimiser steps (0: only at epoch ends)
+    eval_every: int = 1  # evaluate every N epochs (and always after the last)
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        if self.batch_size < 1 or self.accumulate < 1 or self.epochs < 1:
+            raise ValueError("batch_size, accumulate and epochs must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return from_dict(cls, data)
+
+
+def train_preset(name: str) -> TrainConfig:
+    """The official recipe for the paper presets; a from-scratch CPU recipe for `demo`."""
+    cfg = TrainConfig(detector=preset(name))
+    if name == "demo":
+        cfg.data = DataConfig(scales=(224, 256, 288), max_size=384, crop=False, val_size=256, num_workers=1)
+        cfg.optim = OptimConfig(lr=4e-4, lr_backbone=4e-4, lr_linear_proj_mult=0.1, weight_decay=1e-4,
+                                lr_drop=1000, clip_max_norm=0.1)
+        cfg.batch_size = 8
+        cfg.epochs = 1000
+        cfg.time_budget = 480.0
+        cfg.output_dir = "runs/demo"
+    return cfg
