@@ -67,7 +67,8 @@ def train_preset(name: str) -> TrainConfig:
     """The official recipe for the paper presets; a from-scratch CPU recipe for `demo`."""
     cfg = TrainConfig(detector=preset(name))
     if name == "demo":
-        cfg.data = DataConfig(scales=(224, 256, 288), max_size=384, crop=False, val_size=256, num_workers=1)
+        cfg.data = DataConfig(scales=(224, 256, 288), max_size=384, crop_scales=(192, 224, 256), crop_size=(160, 256),
+                              val_size=256, num_workers=1)
         cfg.optim = OptimConfig(lr=4e-4, lr_backbone=4e-4, lr_linear_proj_mult=0.1, weight_decay=1e-4,
                                 lr_drop=1000, clip_max_norm=0.1)
         cfg.batch_size = 8

@@ -32,9 +32,9 @@ def build_datasets(cfg: DataConfig) -> tuple[CocoDetection | None, CocoDetection
     train = val = None
     if cfg.train or cfg.train_annotations:
         imgs, ann = resolve_paths(cfg.train, cfg.train_images, cfg.train_annotations, "train")
-        crop = (cfg.crop_scales, cfg.crop_size) if cfg.crop else (None, None)
-        train = CocoDetection(imgs, ann, train_transforms(scales=cfg.scales, max_size=cfg.max_size,
-                                                          crop_scales=crop[0], crop_size=crop[1]), cfg.skip_bad)
+        transforms = train_transforms(scales=cfg.scales, max_size=cfg.max_size, crop_scales=cfg.crop_scales,
+                                      crop_size=cfg.crop_size, crop=cfg.crop)
+        train = CocoDetection(imgs, ann, transforms, cfg.skip_bad)
     if cfg.val or cfg.val_annotations:
         imgs, ann = resolve_paths(cfg.val, cfg.val_images, cfg.val_annotations, "val")
         val = CocoDetection(imgs, ann, val_transforms(size=cfg.val_size, max_size=cfg.max_size), cfg.skip_bad)

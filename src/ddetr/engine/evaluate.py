@@ -28,7 +28,7 @@ def predict_dataset(model: nn.Module, postprocess: nn.Module, loader: DataLoader
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
         detections = postprocess(outputs, sizes)
         detections = [{k: v.cpu() for k, v in d.items()} for d in detections]
-        results += to_coco_results(detections, [int(t["image_id"]) for t in targets], dataset.label_to_category_id)
+        results += to_coco_results(detections, [int(t["image_id"]) for t in targets], dataset.category_ids)
     return results
 
 

@@ -181,13 +181,13 @@ class Trainer:
             if self.step_in_epoch % cfg.accumulate == 0:
                 self._optimizer_step()
             for k in ("loss", "loss_ce", "loss_bbox", "loss_giou"):
-                totals[k] = totals.get(k, 0.0) + float(losses[k])
+                totals[k] = totals.get(k, 0.0) + float(losses[k].detach())
             count += 1
             now = time.monotonic()
-            bar.set_postfix(loss=f"{float(loss):.3f}", it_s=f"{1 / max(now - t_last, 1e-9):.2f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", it_s=f"{1 / max(now - t_last, 1e-9):.2f}")
             t_last = now
             if writer is not None:
-                writer.add_scalar("train/loss", float(loss), self.global_step)
+                writer.add_scalar("train/loss", float(loss.detach()), self.global_step)
             if cfg.checkpoint_every and self.step_in_epoch % cfg.checkpoint_every == 0:
                 self.elapsed = time.monotonic() - start
                 self.save("last")

@@ -42,25 +42,30 @@ class HungarianMatcher(nn.Module):
             empty = torch.empty(0, dtype=torch.int64)
             return [(empty, empty) for _ in targets]
 
+        # Per-image cost blocks (no wasted cross-image pairs), moved to the CPU in one transfer.
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            prob = logits.flatten(0, 1).float().sigmoid()  # (B*Q, C)
-            out_boxes = boxes.flatten(0, 1).float()  # (B*Q, 4)
-            p = prob[:, tgt_labels]  # (B*Q, N): probability of each target's class
-            pos = self.focal_alpha * (1 - p) ** self.focal_gamma * -(p + 1e-8).log()
-            neg = (1 - self.focal_alpha) * p**self.focal_gamma * -(1 - p + 1e-8).log()
-            cost_l1 = torch.cdist(out_boxes, tgt_boxes, p=1)
-            giou = generalized_box_iou(box_cxcywh_to_xyxy(out_boxes), box_cxcywh_to_xyxy(tgt_boxes))
-            cost = self.cost_class * (pos - neg) + self.cost_bbox * cost_l1 - self.cost_giou * giou
-
-        cost = cost.view(batch, num_queries, -1).cpu()
-        if not torch.isfinite(cost).all():
+            costs = [self._cost(logits[i], boxes[i], labels, tgt)
+                     for i, (labels, tgt) in enumerate(zip(tgt_labels.split(sizes), tgt_boxes.split(sizes)))]
+        flat = torch.cat([c.flatten() for c in costs]).cpu()
+        if not torch.isfinite(flat).all():
             raise ValueError("HungarianMatcher: non-finite matching cost from finite predictions "
                              "(degenerate or non-finite target boxes?)")
         indices = []
-        for i, c in enumerate(cost.split(sizes, dim=-1)):
-            rows, cols = linear_sum_assignment(c[i].numpy())
+        for cost, n in zip(flat.split([num_queries * n for n in sizes]), sizes):
+            rows, cols = linear_sum_assignment(cost.view(num_queries, n).numpy())
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
+
+    def _cost(self, logits: torch.Tensor, boxes: torch.Tensor, tgt_labels: torch.Tensor,
+              tgt_boxes: torch.Tensor) -> torch.Tensor:
+        """(Q, n) fp32 cost of assigning each of one image's queries to each of its targets."""
+        p = logits[:, tgt_labels].float().sigmoid()  # probability of each target's class
+        pos = self.focal_alpha * (1 - p) ** self.focal_gamma * -(p + 1e-8).log()
+        neg = (1 - self.focal_alpha) * p**self.focal_gamma * -(1 - p + 1e-8).log()
+        boxes = boxes.float()
+        cost_l1 = torch.cdist(boxes, tgt_boxes, p=1)
+        giou = generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
+        return self.cost_class * (pos - neg) + self.cost_bbox * cost_l1 - self.cost_giou * giou
 
 
 def _check_inputs(logits: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:

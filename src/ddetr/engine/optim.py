@@ -1,0 +1,62 @@
+"""AdamW with the official three learning-rate groups, and the per-epoch step LR drop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser settings; defaults are the official Deformable DETR recipe."""
+
+    lr: float = 2e-4
+    lr_backbone: float = 2e-5
+    lr_linear_proj_mult: float = 0.1
+    weight_decay: float = 1e-4
+    lr_drop: int = 40
+    clip_max_norm: float = 0.1
+
+
+def param_groups(model: nn.Module, lr: float = 2e-4, lr_backbone: float = 2e-5,
+                 lr_linear_proj_mult: float = 0.1,
+                 backbone_names: tuple[str, ...] = ("backbone.",),
+                 linear_proj_names: tuple[str, ...] = ("reference_points", "sampling_offsets")) -> list[dict]:
+    """Split trainable parameters into main / backbone / linear_proj groups by substring match on their names.
+
+    A name matching both lists goes to the backbone group. All three groups are always returned (possibly empty)
+    so that group indices stay the same across configurations and checkpoints.
+    """
+    groups = {
+        "main": {"name": "main", "params": [], "lr": lr},
+        "backbone": {"name": "backbone", "params": [], "lr": lr_backbone},
+        "linear_proj": {"name": "linear_proj", "params": [], "lr": lr * lr_linear_proj_mult},
+    }
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if any(key in name for key in backbone_names):
+            groups["backbone"]["params"].append(param)
+        elif any(key in name for key in linear_proj_names):
+            groups["linear_proj"]["params"].append(param)
+        else:
+            groups["main"]["params"].append(param)
+    if not any(group["params"] for group in groups.values()):
+        raise ValueError("param_groups: the model has no trainable parameters")
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW (decoupled weight decay on every parameter, as official) over ``param_groups``."""
+    groups = param_groups(model, cfg.lr, cfg.lr_backbone, cfg.lr_linear_proj_mult)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, lr_drop: int,
+                    gamma: float = 0.1) -> torch.optim.lr_scheduler.StepLR:
+    """Multiply every group's lr by ``gamma`` every ``lr_drop`` epochs (call ``step()`` once per epoch)."""
+    if lr_drop < 1:
+        raise ValueError(f"build_scheduler: lr_drop must be >= 1 epoch, got {lr_drop}")
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_drop, gamma=gamma)
