@@ -151,6 +151,8 @@ class Trainer:
             epoch_times.append(time.monotonic() - t0)
             if last:
                 break
+        if dist.is_dist():
+            self._check_ranks_in_sync()
         if dist.is_main():
             self._plot()
         if writer is not None:
@@ -203,6 +205,15 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
+
+    def _check_ranks_in_sync(self) -> None:
+        """DDP keeps replicas identical; verify it once at the end (a cheap checksum per rank)."""
+        with torch.no_grad():
+            checksum = float(sum(p.double().sum() for p in self.model.parameters()))
+        log.info("weights checksum rank %d: %.12e", dist.rank(), checksum)
+        sums = dist.all_gather_objects(checksum)
+        if len(set(sums)) != 1:
+            raise RuntimeError(f"ranks ended with different weights: checksums {sums}")
 
     def _step_lr(self, elapsed: float) -> None:
         """Epoch-based StepLR, or with a time budget one drop once ``lr_drop_fraction`` of it has passed."""
