@@ -65,7 +65,7 @@ def test_training_steps_reduce_loss(tiny_data, tmp_path):
         trainer.optimizer.zero_grad()
         loss.backward()
         trainer.optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.6 * losses[0], losses
 
 
