@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +73,11 @@ class Detector:
     """``Detector.from_checkpoint(path)(images)`` -> per image ``boxes`` (xyxy pixels), ``scores``, ``labels``,
     and ``names`` when the checkpoint knows its classes."""
 
-    def __init__(self, model: DeformableDETR, class_names: Sequence[str] | None = None,
+    def __init__(self, model: DeformableDETR | Callable, class_names: Sequence[str] | None = None,
                  category_ids: Sequence[int] | None = None, size: int = 800, max_size: int = 1333,
                  top_k: int = 100, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval() if isinstance(model, torch.nn.Module) else model
         self.class_names = list(class_names) if class_names else None
         self.category_ids = list(category_ids) if category_ids else None
         self.size, self.max_size = size, max_size
@@ -95,6 +95,18 @@ class Detector:
         if "max_size" not in kwargs and meta.get("max_size"):
             kwargs["max_size"] = meta["max_size"]
         return cls(model, meta.get("class_names"), meta.get("category_ids"), device=device, **kwargs)
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, **kwargs: Any) -> Detector:
+        """The network runs in onnxruntime (exported without in-graph post-processing); the rest is as above."""
+        from ddetr.export.onnx import OnnxDetector
+
+        runner = OnnxDetector(path)
+        if runner.postprocess:
+            raise ValueError(f"{path}: exported with --postprocess; export without it for `predict --onnx`")
+        cfg = runner.config or {}
+        kwargs.setdefault("top_k", cfg.get("top_k", 100))
+        return cls(lambda images, masks: runner(images, masks), runner.class_names, **kwargs)
 
     @torch.no_grad()
     def __call__(self, images: ImageInput | Sequence[ImageInput], threshold: float = 0.0,

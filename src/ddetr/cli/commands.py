@@ -143,9 +143,7 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --checkpoint or --onnx")
     kwargs = {"size": args.size} if args.size else {}
     if args.onnx:
-        from ddetr.export.onnx import OnnxDetector
-
-        detector = OnnxDetector(args.onnx, **kwargs)
+        detector = Detector.from_onnx(args.onnx, **kwargs)
     else:
         detector = Detector.from_checkpoint(args.checkpoint, device=args.device, **kwargs)
     paths = list_images(args.inputs)

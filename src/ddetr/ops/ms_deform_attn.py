@@ -68,6 +68,8 @@ def _check(value: torch.Tensor, shapes: Shapes, level_start_index: torch.Tensor 
     if loc.shape[3] != len(shapes):
         raise ValueError(f"sampling_locations has {loc.shape[3]} levels but spatial_shapes has {len(shapes)}")
     if isinstance(shapes[0][0], int):
+        if any(h <= 0 or w <= 0 for h, w in shapes):
+            raise ValueError(f"spatial_shapes must be positive, got {shapes}")
         total = sum(h * w for h, w in shapes)
         if total != s:
             raise ValueError(f"spatial_shapes cover {total} positions but value has S={s}")
