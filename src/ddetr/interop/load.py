@@ -1,0 +1,233 @@
+"""Read any supported checkpoint into a DeformableDETR and write ours, the official and the HF layouts.
+
+Formats: our checkpoints (``.pth`` dict with ``"format": "ddetr"``, or ``.safetensors`` whose metadata holds the
+config), official ``.pth`` files (``{"model": state_dict, ...}`` with ``backbone.0.body.*`` keys; optimizer and
+scheduler state are ignored), and Hugging Face model folders (``config.json`` + ``model.safetensors`` or
+``pytorch_model.bin``, v4 or v5 key names). Unpickling admits only tensors, plain containers and the
+official files' argparse.Namespace: no code runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddetr.interop import hf, official
+from ddetr.models.config import DetectorConfig, ModelConfig
+from ddetr.models.deformable_detr import DeformableDETR
+
+Tensors = dict[str, torch.Tensor]
+FORMAT, VERSION = "ddetr", 1
+_HEAD = re.compile(r"^(class_embed|bbox_embed)\.(\d+)\.(.+)$")
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load with weights_only; argparse.Namespace (official checkpoints store their args) is allowed."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure is reported on one line
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ValueError(f"{path}: cannot load safely ({exc.__class__.__name__}: {first})") from None
+
+
+def _fill_tied_heads(state: Tensors, cfg: ModelConfig) -> list[str]:
+    """HF omits per-layer heads tied to index 0: copy index 0 into every absent index; returns what was filled."""
+    filled = []
+    num_pred = cfg.dec_layers + int(cfg.two_stage)
+    for key in [k for k in state if _HEAD.match(k) and _HEAD.match(k).group(2) == "0"]:
+        name, _, rest = _HEAD.match(key).groups()
+        for i in range(1, num_pred):
+            target = f"{name}.{i}.{rest}"
+            if target not in state:
+                state[target] = state[key]
+                filled.append(target)
+    return filled
+
+
+def _check_hint(cfg: ModelConfig, field: str, value: Any, source: str) -> None:
+    if value is not None and getattr(cfg, field) != value:
+        raise ValueError(f"{source}: {field}={value!r} given, but the checkpoint says {getattr(cfg, field)!r}")
+
+
+def read_checkpoint(path: str | Path, dilation: bool | None = None, nheads: int | None = None,
+                    num_queries: int | None = None) -> tuple[Tensors, DetectorConfig, dict[str, Any]]:
+    """(state dict in our key names, DetectorConfig, meta) of any supported checkpoint, without building a model.
+
+    ``dilation``, ``nheads`` and ``num_queries`` are hints for official checkpoints, whose keys cannot show DC5
+    dilation, the head count or the two-stage proposal count (defaults: False, 8, 300); for the other formats they
+    are checked against the stored config. ``meta`` has ``format``, ``class_names``, ``category_ids`` (None when
+    the label index is the category id, as in the COCO 91-class heads) and ``tied_heads`` (indices HF omitted).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    if path.is_dir() or path.suffix == ".safetensors" and not _is_ddetr_safetensors(path):
+        folder = path if path.is_dir() else path.parent
+        config, raw = hf.read_hf_dir(folder)
+        model_cfg, names = hf.hf_config_to_ours(config)
+        state, unknown = hf.hf_to_ours(raw)
+        if unknown:
+            raise ValueError(f"{folder}: unexpected keys for Deformable DETR: {_names(unknown)}")
+        meta = {"format": "hf", "class_names": names, "category_ids": None,
+                "tied_heads": _fill_tied_heads(state, model_cfg)}
+        cfg = DetectorConfig(model=model_cfg)
+    elif path.suffix == ".safetensors":
+        state, cfg, meta = _read_ddetr_safetensors(path)
+    else:
+        ckpt = _torch_load(path)
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{path}: expected a checkpoint dictionary, got {type(ckpt).__name__}")
+        if ckpt.get("format") == FORMAT:
+            state, cfg, meta = _read_ddetr(ckpt, path)
+        else:
+            raw = ckpt.get("model", ckpt)
+            if not isinstance(raw, dict) or not official.is_official(raw):
+                raise ValueError(f"{path}: neither a ddetr checkpoint nor an official Deformable DETR one "
+                                 "(no 'format': 'ddetr' and no 'backbone.0.body.*' keys)")
+            refine = any(k.startswith("transformer.decoder.bbox_embed.") for k in raw)
+            state = official.official_to_ours(raw)
+            model_cfg = official.infer_config(state, refine, bool(dilation), nheads or 8, num_queries)
+            classes = model_cfg.num_classes
+            meta = {"format": "official", "category_ids": None, "tied_heads": [],
+                    "class_names": official.coco_class_names() if classes == 91 else None}
+            return state, DetectorConfig(model=model_cfg), meta
+    for field, value in (("dilation", dilation), ("nheads", nheads), ("num_queries", num_queries)):
+        _check_hint(cfg.model, field, value, str(path))
+    return state, cfg, meta
+
+
+def _read_ddetr(ckpt: dict[str, Any], path: Path) -> tuple[Tensors, DetectorConfig, dict[str, Any]]:
+    if ckpt.get("version") != VERSION:
+        raise ValueError(f"{path}: ddetr checkpoint version {ckpt.get('version')!r} is not supported ({VERSION})")
+    cfg = DetectorConfig.from_dict(ckpt["config"])
+    meta = {"format": "ddetr", "class_names": ckpt.get("class_names"), "category_ids": ckpt.get("category_ids"),
+            "tied_heads": []}
+    data = (ckpt.get("train_config") or {}).get("data") or {}
+    meta.update({k: data[k] for k in ("val_size", "max_size") if k in data})
+    return dict(ckpt["model"]), cfg, meta
+
+
+def _is_ddetr_safetensors(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return (f.metadata() or {}).get("format") == FORMAT
+
+
+def _read_ddetr_safetensors(path: Path) -> tuple[Tensors, DetectorConfig, dict[str, Any]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, "pt") as f:
+        info = f.metadata()
+    ckpt = {"format": FORMAT, "version": int(info.get("version", 0)), "config": json.loads(info["config"]),
+            "model": load_file(path), "class_names": json.loads(info.get("class_names", "null")),
+            "category_ids": json.loads(info.get("category_ids", "null"))}
+    return _read_ddetr(ckpt, path)
+
+
+def _names(keys: list[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_state_strict(model: nn.Module, state: Tensors, source: str = "checkpoint") -> None:
+    """Load every tensor or nothing: refuse missing, unexpected or mis-shaped keys, and shared modules whose
+    copies in ``state`` differ (e.g. per-layer heads without box refinement), naming the keys."""
+    own = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.endswith("num_batches_tracked")}
+    given = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
+    shapes = [f"{k} {tuple(given[k].shape)} vs model {tuple(own[k].shape)}" for k in own
+              if k in given and given[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_names(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatches: {_names(shapes)}")
+    if problems:
+        raise ValueError(f"{source} does not match the model ({'; '.join(problems)})")
+    first_key: dict[int, str] = {}
+    for key, tensor in own.items():
+        seen = first_key.setdefault(id(tensor), key)
+        if seen != key and not torch.equal(given[seen], given[key]):
+            raise ValueError(f"{source}: {key} differs from {seen}, but the model shares them (is box refinement "
+                             "set correctly?)")
+    result = model.load_state_dict(state, strict=False)
+    leftover = [k for k in result.missing_keys + result.unexpected_keys if not k.endswith("num_batches_tracked")]
+    if leftover:
+        raise ValueError(f"{source}: could not load {_names(leftover)}")
+
+
+def load_model(path: str | Path, num_classes: int | None = None, device: str | torch.device = "cpu",
+               dilation: bool | None = None, nheads: int | None = None, num_queries: int | None = None,
+               ) -> tuple[DeformableDETR, DetectorConfig, dict[str, Any]]:
+    """(model in eval mode, config, meta) from our checkpoint, an official .pth or a Hugging Face folder.
+
+    ``num_classes``, when given, must equal the checkpoint's (use `ddetr.interop.finetune.load_pretrained` to
+    start a model with other classes from it); the hints are described in `read_checkpoint`.
+    """
+    state, cfg, meta = read_checkpoint(path, dilation, nheads, num_queries)
+    if num_classes is not None and num_classes != cfg.model.num_classes:
+        raise ValueError(f"{path}: has {cfg.model.num_classes} classes, not {num_classes} (fine-tune with "
+                         "ddetr.interop.finetune.load_pretrained to change the class head)")
+    cfg.model.pretrained_backbone = None
+    model = DeformableDETR(cfg.model)
+    load_state_strict(model, state, str(path))
+    return model.to(device).eval(), cfg, meta
+
+
+def _model_config(cfg: DetectorConfig | ModelConfig) -> ModelConfig:
+    return cfg.model if isinstance(cfg, DetectorConfig) else cfg
+
+
+def save_hf(model: DeformableDETR, cfg: DetectorConfig | ModelConfig, out_dir: str | Path,
+            id2label: dict[int, str] | None = None) -> None:
+    """Write config.json + model.safetensors that transformers' DeformableDetrForObjectDetection.from_pretrained
+    loads with no missing or unexpected keys (v4 key names, as the hub checkpoints and v5's save_pretrained)."""
+    from safetensors.torch import save_file
+
+    mcfg = _model_config(cfg)
+    aux = cfg.loss.aux_loss if isinstance(cfg, DetectorConfig) else True
+    config = hf.ours_to_hf_config(mcfg, id2label, aux)
+    state = hf.ours_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, mcfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.clone() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
+
+
+def save_official(model: DeformableDETR, cfg: DetectorConfig | ModelConfig, path: str | Path) -> None:
+    """Write ``{"model": state_dict}`` with official key names (the official main.py --resume reads it)."""
+    state = official.ours_to_official({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                      _model_config(cfg))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state}, path)
+
+
+def save_ddetr(model: DeformableDETR, cfg: DetectorConfig | ModelConfig, path: str | Path,
+               class_names: list[str] | None = None, category_ids: list[int] | None = None) -> None:
+    """Write our weights-only checkpoint: a torch dict (.pth) or safetensors with the config in its metadata."""
+    cfg = cfg if isinstance(cfg, DetectorConfig) else DetectorConfig(model=cfg)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        # Shared per-layer heads are one tensor in memory; safetensors wants each stored separately.
+        info = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(cfg.to_dict()),
+                "class_names": json.dumps(class_names), "category_ids": json.dumps(category_ids)}
+        save_file({k: v.clone() for k, v in state.items()}, path, metadata=info)
+        return
+    torch.save({"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "model": state,
+                "class_names": class_names, "category_ids": category_ids}, path)
