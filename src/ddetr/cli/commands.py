@@ -32,6 +32,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", help="continue a run from its checkpoint (e.g. OUTPUT/last.pth)")
     p.add_argument("--pretrained", help="start from weights (ddetr, official .pth or HF folder); class heads are "
                                         "re-initialised when the classes differ")
+    p.add_argument("--match-class-names", action="store_true",
+                   help="with --pretrained: initialise class rows whose names match the checkpoint's classes")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad images/annotations instead of failing")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set optim.lr=1e-4 --set detector.model.num_queries=100")
@@ -67,7 +69,7 @@ def run_train(args: argparse.Namespace) -> int:
     from ddetr.evaluation.coco_eval import format_table
 
     cfg = load_train_config(args)
-    metrics = train(cfg, resume=args.resume, pretrained=args.pretrained)
+    metrics = train(cfg, resume=args.resume, pretrained=args.pretrained, match_class_names=args.match_class_names)
     if metrics:
         print(format_table(metrics))
     print(f"checkpoints and logs in {cfg.output_dir}")

@@ -105,12 +105,14 @@ class Trainer:
         log.info("resumed from %s at epoch %d step %d", path, self.epoch, self.step_in_epoch)
 
     # ---- loop --------------------------------------------------------------------------------------------------
-    def fit(self, resume: str | None = None, pretrained: str | None = None) -> dict[str, float]:
+    def fit(self, resume: str | None = None, pretrained: str | None = None,
+            match_class_names: bool = False) -> dict[str, float]:
         cfg = self.cfg
         if pretrained:
             from ddetr.interop.finetune import load_pretrained
 
-            report = load_pretrained(self.model, pretrained, class_names=self.train_set.class_names)
+            report = load_pretrained(self.model, pretrained, class_names=self.train_set.class_names,
+                                     match_names=match_class_names)
             log.info("pretrained weights from %s: %s", pretrained, report)
         if resume:
             self.resume(resume)
@@ -277,9 +279,10 @@ class Trainer:
         plt.close(fig)
 
 
-def train(cfg: TrainConfig, resume: str | None = None, pretrained: str | None = None) -> dict[str, float]:
+def train(cfg: TrainConfig, resume: str | None = None, pretrained: str | None = None,
+          match_class_names: bool = False) -> dict[str, float]:
     """Train (and evaluate) one run; returns the final validation metrics (empty without validation data)."""
     try:
-        return Trainer(cfg).fit(resume=resume, pretrained=pretrained)
+        return Trainer(cfg).fit(resume=resume, pretrained=pretrained, match_class_names=match_class_names)
     finally:
         dist.cleanup()

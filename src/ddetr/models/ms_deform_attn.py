@@ -75,7 +75,7 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(n, lq, m, lv * p).softmax(-1).view(n, lq, m, lv, p)
         if reference_points.shape[-1] == 2:
             wh = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device) \
-                if isinstance(spatial_shapes[0][0], int) else \
+                if not isinstance(spatial_shapes[0][0], torch.Tensor) else \
                 torch.stack([torch.stack([w, h]) for h, w in spatial_shapes]).to(offsets)
             locations = reference_points[:, :, None, :, None, :] + offsets / wh[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
