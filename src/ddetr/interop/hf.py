@@ -213,6 +213,7 @@ def ours_to_hf_config(cfg: ModelConfig, id2label: dict[int, str] | None = None, 
         "num_queries": cfg.num_queries, "two_stage_num_proposals": cfg.num_queries, "two_stage": cfg.two_stage,
         "with_box_refine": cfg.with_box_refine, "dropout": cfg.dropout, "auxiliary_loss": aux_loss,
         "position_embedding_type": "sine", "activation_function": "relu",
+        "tie_word_embeddings": not cfg.with_box_refine,  # refined models have independent per-layer heads
         "id2label": {str(i): n for i, n in sorted(id2label.items())},
         "label2id": {n: i for i, n in sorted(id2label.items())},
     }

@@ -137,7 +137,8 @@ class DeformableDETR(nn.Module):
             enc_logits = self.class_embed[-1](enc_memory)
             enc_boxes_unact = self.bbox_embed[-1](enc_memory) + proposals
             k = min(self.cfg.num_queries, enc_logits.shape[1])
-            topk = torch.topk(enc_logits[..., 0], k, dim=1)[1]  # official: rank by logit channel 0
+            scores = enc_logits[..., 0].masked_fill(mask, float("-inf"))  # official channel 0; never padding
+            topk = torch.topk(scores, k, dim=1)[1]
             boxes_unact = torch.gather(enc_boxes_unact, 1, topk[..., None].expand(-1, -1, 4)).detach()
             reference_points = boxes_unact.sigmoid()
             query_pos, tgt = t.pos_trans_norm(t.pos_trans(proposal_pos_embed(boxes_unact, t.d_model // 2))).split(
