@@ -1,0 +1,106 @@
+// 64-byte channel vectors for the CPU ms_deform_attn kernel: 16 fp32 or 8 fp64 lanes, loads that widen
+// bf16/fp16 to fp32, stores that round back (to nearest even, like c10), and horizontal sums. GCC/Clang vector
+// extensions, with AVX-512 intrinsics where they are shorter and a portable version of those otherwise.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <cstdint>
+#include <cstring>
+
+namespace ddetr_msda {
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(64)));
+  static constexpr int64_t size = 16;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(64)));
+  static constexpr int64_t size = 8;
+};
+using VecF = Vec<float>::type;
+using VecD = Vec<double>::type;
+
+// Load one vector of channels, widening half types to fp32.
+inline VecF load_vec(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline VecD load_vec(const double* p) {
+  VecD v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline VecF load_vec(const c10::BFloat16* p) {  // bf16 is the top half of an fp32
+#if defined(__AVX512F__)
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (VecF)_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+#else
+  typedef uint16_t U16 __attribute__((vector_size(32)));
+  typedef uint32_t U32 __attribute__((vector_size(64)));
+  U16 raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  return (VecF)(__builtin_convertvector(raw, U32) << 16);
+#endif
+}
+inline VecF load_vec(const c10::Half* p) {
+#if defined(__AVX512F__)
+  return (VecF)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+  VecF v;
+  for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+#endif
+}
+
+// Store one vector of channels, rounding to the storage type.
+inline void store_vec(float* p, VecF v) { std::memcpy(p, &v, sizeof(v)); }
+inline void store_vec(double* p, VecD v) { std::memcpy(p, &v, sizeof(v)); }
+inline void store_vec(c10::BFloat16* p, VecF v) {
+  typedef uint16_t U16 __attribute__((vector_size(32)));
+  typedef uint32_t U32 __attribute__((vector_size(64)));
+  typedef int32_t I32 __attribute__((vector_size(64)));
+  const U32 bits = (U32)v;
+  const U32 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;  // round to nearest even, like c10
+  const U32 r = (U32)(v != v ? (I32)(U32){} + 0x7FC0 : (I32)rounded);  // NaN stays a (quiet) NaN
+  const U16 h = __builtin_convertvector(r, U16);
+  std::memcpy(p, &h, sizeof(h));
+}
+inline void store_vec(c10::Half* p, VecF v) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+#else
+  for (int i = 0; i < 16; ++i) p[i] = static_cast<c10::Half>(v[i]);
+#endif
+}
+
+inline float hsum(VecF v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#else
+  float s = 0;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+#endif
+}
+inline double hsum(VecD v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_pd((__m512d)v);
+#else
+  double s = 0;
+  for (int i = 0; i < 8; ++i) s += v[i];
+  return s;
+#endif
+}
+
+}  // namespace ddetr_msda
