@@ -243,7 +243,7 @@ def run_bench(args: argparse.Namespace) -> int:
 # ---- demo ------------------------------------------------------------------------------------------------------------
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run folder (data in OUT/data, checkpoints, predictions)")
-    p.add_argument("--time-budget", type=float, default=480.0, help="training seconds (the whole job stays < 10 min)")
+    p.add_argument("--time-budget", type=float, default=450.0, help="training seconds (the whole job stays < 10 min)")
     p.add_argument("--num-train", type=int, default=2000, help="synthetic training images")
     p.add_argument("--num-val", type=int, default=200, help="synthetic validation images")
 

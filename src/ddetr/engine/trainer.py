@@ -130,16 +130,18 @@ class Trainer:
         writer = self._tensorboard()
         metrics: dict[str, float] = {}
         start = time.monotonic() - self.elapsed
-        epoch_times: list[float] = []
         while self.epoch < cfg.epochs:
-            t0 = time.monotonic()
             train_data.epoch = loader.sampler.epoch = self.epoch
             loader.sampler.skip = self.step_in_epoch * cfg.batch_size
             stats = self._train_epoch(model, loader, writer, start)
+            budget_spent = self._budget_spent(time.monotonic() - start)
+            if budget_spent and self.step_in_epoch < len(loader.sampler) // cfg.batch_size:
+                log.info("time budget spent after %d steps of epoch %d", self.step_in_epoch, self.epoch + 1)
             self.epoch += 1
             self.step_in_epoch = 0
-            self._step_lr(time.monotonic() - start)
-            last = self.epoch >= cfg.epochs or self._out_of_time(time.monotonic() - start, epoch_times)
+            if cfg.time_budget is None:
+                self.scheduler.step()
+            last = self.epoch >= cfg.epochs or budget_spent
             if val_loader is not None and (self.epoch % cfg.eval_every == 0 or last):
                 metrics, _ = evaluate(self.model, self.postprocess, val_loader, self.device, self.amp_dtype)
             self.elapsed = time.monotonic() - start
@@ -150,7 +152,6 @@ class Trainer:
             if metrics and metrics.get("AP", -1) > self.best_ap:
                 self.best_ap = metrics["AP"]
                 self.save("best")
-            epoch_times.append(time.monotonic() - t0)
             if last:
                 break
         if dist.is_dist():
@@ -195,6 +196,10 @@ class Trainer:
             if cfg.checkpoint_every and self.step_in_epoch % cfg.checkpoint_every == 0:
                 self.elapsed = time.monotonic() - start
                 self.save("last")
+            if cfg.time_budget is not None:
+                self._time_lr_drop(time.monotonic() - start)
+                if self._budget_spent(time.monotonic() - start):
+                    break
         if self.step_in_epoch % cfg.accumulate:
             self._optimizer_step()
         return dist.all_reduce_mean({k: v / max(count, 1) for k, v in totals.items()})
@@ -217,21 +222,20 @@ class Trainer:
         if len(set(sums)) != 1:
             raise RuntimeError(f"ranks ended with different weights: checksums {sums}")
 
-    def _step_lr(self, elapsed: float) -> None:
-        """Epoch-based StepLR, or with a time budget one drop once ``lr_drop_fraction`` of it has passed."""
-        cfg = self.cfg
-        if cfg.time_budget is None:
-            self.scheduler.step()
-        elif not self.lr_dropped_by_time and elapsed >= cfg.lr_drop_fraction * cfg.time_budget:
+    def _time_lr_drop(self, elapsed: float) -> None:
+        """With a time budget the lr drops (x0.1) once, after ``lr_drop_fraction`` of the budget."""
+        if not self.lr_dropped_by_time and elapsed >= self.cfg.lr_drop_fraction * self.cfg.time_budget:
             for group in self.optimizer.param_groups:
                 group["lr"] *= 0.1
             self.lr_dropped_by_time = True
+            log.info("time budget: lr dropped x0.1 at %.0fs", elapsed)
 
-    def _out_of_time(self, elapsed: float, epoch_times: list[float]) -> bool:
+    def _budget_spent(self, elapsed: float) -> bool:
+        """All ranks agree (rank 0's clock decides) so DDP never waits on a rank that stopped."""
         if self.cfg.time_budget is None:
             return False
-        per_epoch = max(epoch_times[-3:]) if epoch_times else elapsed
-        return elapsed + per_epoch > self.cfg.time_budget
+        spent = elapsed >= self.cfg.time_budget
+        return bool(dist.all_gather_objects(spent)[0]) if dist.is_dist() else spent
 
     # ---- logging -----------------------------------------------------------------------------------------------
     def _tensorboard(self):
