@@ -267,9 +267,10 @@ def run_demo(args: argparse.Namespace) -> int:
     resume = out / "last.pth"
     metrics = train(cfg, resume=str(resume) if resume.is_file() else None)
     print(format_table(metrics))
-    ns = argparse.Namespace(checkpoint=str(out / "last.pth"), onnx=None, device="cpu",
+    best = out / "best.pth" if (out / "best.pth").is_file() else out / "last.pth"
+    ns = argparse.Namespace(checkpoint=str(best), onnx=None, device="cpu",
                             inputs=[str(p) for p in sorted((data / "val" / "images").iterdir())[:8]],
-                            threshold=0.5, size=None, out=str(out / "predictions"), no_draw=False)
+                            threshold=0.3, size=None, out=str(out / "predictions"), no_draw=False)
     run_predict(ns)
     print(f"demo finished in {time.monotonic() - start:.0f}s: curves {out / 'curves.png'}, "
           f"drawn predictions in {out / 'predictions'}")
