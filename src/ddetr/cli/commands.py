@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import time
@@ -180,64 +181,23 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 # ---- delegated commands ---------------------------------------------------------------------------------------
-def add_export_args(p: argparse.ArgumentParser) -> None:
-    from ddetr.export.cli import add_export_args as add
+def _delegate(module: str, add_name: str, run_name: str):
+    """(add_args, run) for a command whose options and action live in ``module`` (imported only when used)."""
 
-    add(p)
+    def add(p: argparse.ArgumentParser) -> None:
+        getattr(importlib.import_module(module), add_name)(p)
 
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), run_name)(args) or 0
 
-def run_export(args: argparse.Namespace) -> int:
-    from ddetr.export.cli import run_export as run
-
-    return run(args) or 0
-
-
-def add_convert_args(p: argparse.ArgumentParser) -> None:
-    from ddetr.interop.cli import add_convert_args as add
-
-    add(p)
+    return add, run
 
 
-def run_convert(args: argparse.Namespace) -> int:
-    from ddetr.interop.cli import run_convert as run
-
-    return run(args) or 0
-
-
-def add_visualize_args(p: argparse.ArgumentParser) -> None:
-    from ddetr.viz.cli import add_visualize_args as add
-
-    add(p)
-
-
-def run_visualize(args: argparse.Namespace) -> int:
-    from ddetr.viz.cli import run_visualize as run
-
-    return run(args) or 0
-
-
-def add_synth_args(p: argparse.ArgumentParser) -> None:
-    from ddetr.data.synthetic import add_synth_args as add
-
-    add(p)
-
-
-def run_synth(args: argparse.Namespace) -> int:
-    from ddetr.data.synthetic import run_synth as run
-
-    return run(args) or 0
-
-
-def add_bench_args(p: argparse.ArgumentParser) -> None:
-    from ddetr.benchmark import add_bench_args as add
-
-    add(p)
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    from ddetr.benchmark import run_bench as run
-
-    return run(args) or 0
+add_export_args, run_export = _delegate("ddetr.export.cli", "add_export_args", "run_export")
+add_convert_args, run_convert = _delegate("ddetr.interop.cli", "add_convert_args", "run_convert")
+add_visualize_args, run_visualize = _delegate("ddetr.viz.cli", "add_visualize_args", "run_visualize")
+add_synth_args, run_synth = _delegate("ddetr.data.synthetic", "add_synth_args", "run_synth")
+add_bench_args, run_bench = _delegate("ddetr.benchmark", "add_bench_args", "run_bench")
 
 
 # ---- demo ------------------------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def train_preset(name: str) -> TrainConfig:
         cfg.optim = OptimConfig(lr=4e-4, lr_backbone=4e-4, lr_linear_proj_mult=0.1, weight_decay=1e-4,
                                 lr_drop=1000, clip_max_norm=0.1)
         cfg.batch_size = 8
-        cfg.amp = "bf16"  # AMX bf16 makes a CPU training step ~5x faster than fp32 here
+        cfg.amp = "bf16"  # AMX bf16: a demo training step took 0.45 s vs 0.80 s in fp32 on the 2-core machine
         cfg.epochs = 1000
         cfg.time_budget = 450.0
         cfg.output_dir = "runs/demo"
