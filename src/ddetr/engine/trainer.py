@@ -130,7 +130,7 @@ class Trainer:
         writer = self._tensorboard()
         metrics: dict[str, float] = {}
         start = time.monotonic() - self.elapsed
-        while self.epoch < cfg.epochs:
+        while self.epoch < cfg.epochs and not self._budget_spent(self.elapsed):
             train_data.epoch = loader.sampler.epoch = self.epoch
             loader.sampler.skip = self.step_in_epoch * cfg.batch_size
             stats = self._train_epoch(model, loader, writer, start)
@@ -154,6 +154,8 @@ class Trainer:
                 self.save("best")
             if last:
                 break
+        if not metrics and val_loader is not None:  # nothing left to train (resumed a finished run): just score it
+            metrics, _ = evaluate(self.model, self.postprocess, val_loader, self.device, self.amp_dtype)
         if dist.is_dist():
             self._check_ranks_in_sync()
         if dist.is_main():
