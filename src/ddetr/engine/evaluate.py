@@ -14,12 +14,17 @@ from ddetr.engine import distributed as dist
 from ddetr.evaluation.coco_eval import evaluate_coco, to_coco_results
 
 
+def coco_dataset(loader: DataLoader) -> CocoDetection:
+    """The CocoDetection behind a loader (training wraps it in a SeededDataset)."""
+    return getattr(loader.dataset, "dataset", loader.dataset)
+
+
 @torch.no_grad()
 def predict_dataset(model: nn.Module, postprocess: nn.Module, loader: DataLoader, device: torch.device,
                     amp_dtype: torch.dtype | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """COCO result dicts (xywh, original-image pixels, dataset category ids) for this rank's share of the data."""
     model.eval()
-    dataset: CocoDetection = loader.dataset.dataset if hasattr(loader.dataset, "dataset") else loader.dataset
+    dataset = coco_dataset(loader)
     results: list[dict[str, Any]] = []
     for images, masks, targets in tqdm(loader, desc="eval", disable=not (progress and dist.is_main()), leave=False):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -38,7 +43,6 @@ def evaluate(model: nn.Module, postprocess: nn.Module, loader: DataLoader, devic
     """COCO metrics (AP, AP50, AP75, APs, APm, APl, ...) on rank 0's gathered results, broadcast to all ranks."""
     results = predict_dataset(model, postprocess, loader, device, amp_dtype, progress)
     gathered = [r for part in dist.all_gather_objects(results) for r in part]
-    dataset = loader.dataset.dataset if hasattr(loader.dataset, "dataset") else loader.dataset
-    metrics = evaluate_coco(dataset.to_coco_dict(), gathered) if dist.is_main() else {}
+    metrics = evaluate_coco(coco_dataset(loader).to_coco_dict(), gathered) if dist.is_main() else {}
     metrics = dist.all_gather_objects(metrics)[0]
     return metrics, gathered
