@@ -140,3 +140,41 @@ def test_resume_refuses_other_model(tiny_data, tmp_path):
     other.detector.model.num_queries = 12
     with pytest.raises(ValueError, match="different model config"):
         Trainer(other).fit(resume=str(tmp_path / "last.pth"))
+
+
+class FakeClock:
+    """time.monotonic stand-in that advances one second per call: budgets become step counts, not machine speed."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_time_budget_drops_lr_then_stops_mid_epoch(tiny_data, tmp_path, monkeypatch):
+    import ddetr.engine.trainer as trainer_module
+
+    cfg = tiny_config(tiny_data, tmp_path, epochs=50, time_budget=7.0, lr_drop_fraction=0.3)
+    trainer = Trainer(cfg)
+    base = [g["lr"] for g in trainer.optimizer.param_groups]
+    monkeypatch.setattr(trainer_module.time, "monotonic", FakeClock())
+    metrics = trainer.fit()
+    steps_per_epoch = 4  # 8 images, batch 2
+    # the budget is checked every step: training stopped inside the first epoch, not at an epoch boundary
+    assert trainer.epoch == 1 and 0 < trainer.global_step < steps_per_epoch
+    assert trainer.lr_dropped_by_time
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([lr * 0.1 for lr in base])
+    assert "AP50" in metrics  # evaluated after stopping
+
+
+def test_resuming_a_finished_run_only_evaluates(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path, epochs=1)
+    Trainer(cfg).fit()
+    before = final_weights(tmp_path / "last.pth")
+    again = Trainer(tiny_config(tiny_data, tmp_path, epochs=1))
+    metrics = again.fit(resume=str(tmp_path / "last.pth"))
+    assert "AP" in metrics and again.global_step == 4
+    for key, value in final_weights(tmp_path / "last.pth").items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
