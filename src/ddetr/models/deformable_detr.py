@@ -58,6 +58,9 @@ class DeformableDETR(nn.Module):
             proj.append(nn.Sequential(nn.Conv2d(in_ch, d, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, d)))
             in_ch = d
         self.input_proj = nn.ModuleList(proj)
+        for conv, _ in self.input_proj:
+            nn.init.xavier_uniform_(conv.weight, gain=1)
+            nn.init.zeros_(conv.bias)
         self.transformer = DeformableTransformer(
             d, cfg.nheads, cfg.enc_layers, cfg.dec_layers, cfg.dim_feedforward, cfg.dropout, cfg.num_feature_levels,
             cfg.enc_n_points, cfg.dec_n_points, cfg.two_stage, cfg.dense_attention, cfg.attention_backend)
@@ -76,9 +79,6 @@ class DeformableDETR(nn.Module):
         box_head = MLP(d, d, 4, 3)
         nn.init.zeros_(box_head.layers[-1].weight)
         nn.init.zeros_(box_head.layers[-1].bias)
-        for conv in self.input_proj:
-            nn.init.xavier_uniform_(conv[0].weight, gain=1)
-            nn.init.zeros_(conv[0].bias)
         n = cfg.dec_layers
         if cfg.with_box_refine:
             classes = [copy.deepcopy(class_head) for _ in range(n)]
