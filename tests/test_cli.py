@@ -111,3 +111,10 @@ def test_bad_input_gives_one_line_error(tmp_path, problem):
 def test_python_m_ddetr_is_the_same_tool():
     r = ddetr("--help")
     assert r.returncode == 0 and all(c in r.stdout for c in COMMANDS)
+
+
+def test_bench_passes_its_options_to_the_benchmark_script():
+    r = ddetr("bench", "--quick", "--no-memory", "--batch", "1", "--repeats", "5", "--impls", "reference", "hf")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| encoder | 1 |")]
+    assert {row.split("|")[3].strip() for row in rows} == {"reference", "hf"}

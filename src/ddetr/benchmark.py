@@ -11,8 +11,9 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "ms_deform_attn.py
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bench_args", nargs=argparse.REMAINDER,
-                   help="options passed to benchmarks/ms_deform_attn.py (e.g. --quick, --scaling, --device cuda)")
+    p.add_argument("bench_args", nargs="*", metavar="OPTION",
+                   help="options passed on to benchmarks/ms_deform_attn.py (e.g. --quick, --scaling, --device cuda; "
+                        "`ddetr bench --help` shows this, `ddetr bench --quick --help` the script's own)")
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -48,7 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((i for i, tok in enumerate(argv) if not tok.startswith("-")), None)
+    passthrough: list[str] = []
+    if command is not None and argv[command] == "bench" and "-h" not in argv[command + 1:][:1]:
+        argv, passthrough = argv[:command + 1], argv[command + 1:]  # the rest belongs to the benchmark script
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        args.bench_args = passthrough
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         result = args.run(args)
