@@ -59,14 +59,14 @@ def test_training_steps_reduce_loss(tiny_data, tmp_path):
     trainer = Trainer(cfg)
     images, masks, targets = next(iter(make_loader(trainer.train_set, 4, False, 0, 0)))
     losses = []
-    for _ in range(25):
+    for _ in range(30):
         out = trainer.model(images, masks)
         loss = trainer.criterion(out, targets)["loss"]
         trainer.optimizer.zero_grad()
         loss.backward()
         trainer.optimizer.step()
         losses.append(float(loss.detach()))
-    assert losses[-1] < 0.6 * losses[0], losses
+    assert max(losses[-5:]) < 0.75 * losses[0], losses  # falls clearly, whatever the thread count
 
 
 def test_checkpoint_is_atomic_and_loads_without_pickle(tiny_data, tmp_path):
