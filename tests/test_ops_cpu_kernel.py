@@ -101,6 +101,22 @@ def test_mixed_dtypes_compute_in_float64():
     assert [g.dtype for g in got] == [torch.float32, torch.float64, torch.float32]
 
 
+@pytest.mark.parametrize("lq", [4, 40], ids=["in-place", "head-major"])
+def test_corners_off_the_map_never_read_value(lq):
+    """Off-map corners read a zero row, not a clamped pixel: inf/NaN in value cannot leak into them (as in
+    grid_sample's zero padding); samples on the map still see them."""
+    inputs = make_op_inputs(1, lq, 2, 16, ((3, 4), (2, 2)), 2, seed=16)
+    inputs.value[0, :, 0] = float("nan")  # head 0: every pixel
+    inputs.value[0, 0, 1] = float("inf")  # head 1: the first pixel only
+    inputs.sampling_locations[:, :, :, :, :, :] = -2.0  # every sample entirely off the map
+    inputs.sampling_locations[0, 0, :, 0, 0, :] = 0.1  # ... except one, near pixel 0 of level 0
+    out = cpu(inputs).view(1, lq, 2, 16)
+    expected = reference(inputs).view(1, lq, 2, 16)
+    assert torch.equal(out[:, 1:], torch.zeros_like(out[:, 1:]))
+    assert out[0, 0, 0].isnan().all() and out[0, 0, 1].isinf().all()
+    assert torch.equal(out[0, 0].isfinite(), expected[0, 0].isfinite())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("half_all", [True, False], ids=["all-half", "value-half"])
 @pytest.mark.parametrize("lq", [8, 28], ids=["in-place", "head-major"])

@@ -52,8 +52,9 @@ struct Level {
 // m * head + s * pixel + c. Images are separate buffers: with the batch in one head-major copy, batch 2 at
 // 800x1333 (45 MB) passes glibc's 32 MB mmap threshold and every call pays fresh page faults (measured: 22k
 // faults, +85 ms per call), while per-image buffers are reused from the heap.
+// A head-major copy ends with one zero row, at element `zero` (-1 when value is read in place).
 struct Layout {
-  int64_t head, pixel;
+  int64_t head, pixel, zero;
 };
 
 // Level geometry repeated per sample (index l * P + p), so the coordinate loop has no divisions and vectorises.
@@ -98,21 +99,25 @@ inline void locate(acc_t lx, acc_t ly, acc_t wf, acc_t hf, int32_t wi, int32_t h
   pixel[3] = vy1 & vx1 ? p00 + wi + 1 : -1;
 }
 
-// Forward table for one (query, head): bilinear weights with the attention weight folded in, and corner
-// addresses, corner k of sample j at [k][j]. Corners off the map point at a zero row: the gather has no branches.
-template <typename scalar_t, typename acc_t>
+// Forward table for one (query, head): bilinear weights with the attention weight folded in, and where each
+// corner's channels start, corner k of sample j at [k][j], as base + offset in bytes. Offsets are int32 relative
+// to the head when value is a head-major copy of ours (half the table, no 64-bit arithmetic), else absolute
+// addresses (base 0). Corners off the map point at a zero row: the gather has no branches.
+template <typename scalar_t, typename acc_t, typename offset_t>
 struct SampleTable {
   std::vector<acc_t> w[4];
-  std::vector<uintptr_t> addr[4];
+  std::vector<offset_t> off[4];
+  uintptr_t base = 0;
   explicit SampleTable(int64_t LP) {
     for (int k = 0; k < 4; ++k) {
       w[k].resize(LP);
-      addr[k].resize(LP);
+      off[k].resize(LP);
     }
   }
 
+  // Corner offsets are origin + pixel * row, or zero off the map.
   void fill(const acc_t* __restrict loc, const acc_t* __restrict attn, const Lanes<acc_t>& lanes, int64_t LP,
-            const scalar_t* vhead, int64_t pixel_stride, const scalar_t* zeros) {
+            offset_t origin, offset_t row, offset_t zero) {
     const acc_t* __restrict wf = lanes.wf.data();
     const acc_t* __restrict hf = lanes.hf.data();
     const int32_t* __restrict wi = lanes.wi.data();
@@ -122,12 +127,10 @@ struct SampleTable {
     acc_t* __restrict w1 = w[1].data();
     acc_t* __restrict w2 = w[2].data();
     acc_t* __restrict w3 = w[3].data();
-    uintptr_t* __restrict a0 = addr[0].data();
-    uintptr_t* __restrict a1 = addr[1].data();
-    uintptr_t* __restrict a2 = addr[2].data();
-    uintptr_t* __restrict a3 = addr[3].data();
-    const uintptr_t base = reinterpret_cast<uintptr_t>(vhead), zero = reinterpret_cast<uintptr_t>(zeros);
-    const int64_t row = pixel_stride * static_cast<int64_t>(sizeof(scalar_t));  // bytes between pixels
+    offset_t* __restrict o0 = off[0].data();
+    offset_t* __restrict o1 = off[1].data();
+    offset_t* __restrict o2 = off[2].data();
+    offset_t* __restrict o3 = off[3].data();
 #pragma omp simd
     for (int64_t j = 0; j < LP; ++j) {
       acc_t fx, fy;
@@ -138,20 +141,23 @@ struct SampleTable {
       w1[j] = a * fx * (1 - fy);
       w2[j] = a * (1 - fx) * fy;
       w3[j] = a * fx * fy;
-      a0[j] = pix[0] >= 0 ? base + pix[0] * row : zero;
-      a1[j] = pix[1] >= 0 ? base + pix[1] * row : zero;
-      a2[j] = pix[2] >= 0 ? base + pix[2] * row : zero;
-      a3[j] = pix[3] >= 0 ? base + pix[3] * row : zero;
+      o0[j] = pix[0] >= 0 ? origin + pix[0] * row : zero;
+      o1[j] = pix[1] >= 0 ? origin + pix[1] * row : zero;
+      o2[j] = pix[2] >= 0 ? origin + pix[2] * row : zero;
+      o3[j] = pix[3] >= 0 ? origin + pix[3] * row : zero;
     }
   }
 
-  const scalar_t* corner(int k, int64_t j) const { return reinterpret_cast<const scalar_t*>(addr[k][j]); }
+  const scalar_t* corner(int k, int64_t j) const {
+    return reinterpret_cast<const scalar_t*>(base + static_cast<uintptr_t>(static_cast<intptr_t>(off[k][j])));
+  }
 };
 
 // Weighted sum of the table's corners over W vectors of channels starting at channel ch (one accumulator
 // per corner and vector keeps the FMA chains short).
-template <int W, typename scalar_t, typename acc_t>
-inline void gather(const SampleTable<scalar_t, acc_t>& t, int64_t LP, scalar_t* out, int64_t ch) {
+template <int W, typename Table, typename scalar_t>
+inline void gather(const Table& t, int64_t LP, scalar_t* out, int64_t ch) {
+  using acc_t = at::opmath_type<scalar_t>;
   using V = typename Vec<acc_t>::type;
   constexpr int64_t K = Vec<acc_t>::size;
   V acc[4][W] = {};
@@ -167,10 +173,13 @@ inline void gather(const SampleTable<scalar_t, acc_t>& t, int64_t LP, scalar_t* 
 
 constexpr int64_t kQueryBlock = 32;
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename offset_t>
 void forward_kernel(const std::vector<const scalar_t*>& images, Layout lay, const acc_t* loc, const acc_t* attn,
-                    scalar_t* out,
-                    int64_t N, int64_t M, int64_t D, int64_t Lq, int64_t P, const std::vector<Level>& levels) {
+                    scalar_t* out, int64_t N, int64_t M, int64_t D, int64_t Lq, int64_t P,
+                    const std::vector<Level>& levels) {
+  using Table = SampleTable<scalar_t, acc_t, offset_t>;
+  constexpr bool relative = std::is_same_v<offset_t, int32_t>;
+  constexpr auto bytes = static_cast<offset_t>(sizeof(scalar_t));
   constexpr int64_t K = Vec<acc_t>::size;
   const int64_t LP = static_cast<int64_t>(levels.size()) * P;
   const int64_t blocks = (Lq + kQueryBlock - 1) / kQueryBlock;
@@ -181,11 +190,16 @@ void forward_kernel(const std::vector<const scalar_t*>& images, Layout lay, cons
   {
     // Two tables: the next query's table is filled before this query's gather, so the gather's loads do not
     // wait on just-written table entries.
-    SampleTable<scalar_t, acc_t> tables[2] = {SampleTable<scalar_t, acc_t>(LP), SampleTable<scalar_t, acc_t>(LP)};
+    Table tables[2] = {Table(LP), Table(LP)};
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < N * M * blocks; ++task) {
       const int64_t n = task / (M * blocks), m = task / blocks % M, b = task % blocks;
       const scalar_t* vhead = images[n] + m * lay.head;
+      tables[0].base = tables[1].base = relative ? reinterpret_cast<uintptr_t>(vhead) : 0;
+      const auto origin = relative ? offset_t(0) : static_cast<offset_t>(reinterpret_cast<intptr_t>(vhead));
+      const auto zero = relative ? static_cast<offset_t>((lay.zero - m * lay.head) * bytes)
+                                 : static_cast<offset_t>(reinterpret_cast<intptr_t>(zeros.data()));
+      const auto row_bytes = static_cast<offset_t>(lay.pixel * bytes);
       const int64_t q0 = b * kQueryBlock, q1 = std::min(Lq, q0 + kQueryBlock);
       auto fill = [&](int64_t q) {
         const int64_t row = (n * Lq + q) * M + m;
@@ -194,12 +208,12 @@ void forward_kernel(const std::vector<const scalar_t*>& images, Layout lay, cons
           prefetch(loc + ahead * LP * 2, LP * 2 * sizeof(acc_t));
           prefetch(attn + ahead * LP, LP * sizeof(acc_t));
         }
-        tables[q & 1].fill(loc + row * LP * 2, attn + row * LP, lanes, LP, vhead, lay.pixel, zeros.data());
+        tables[q & 1].fill(loc + row * LP * 2, attn + row * LP, lanes, LP, origin, row_bytes, zero);
       };
       fill(q0);
       for (int64_t q = q0; q < q1; ++q) {
         if (q + 1 < q1) fill(q + 1);
-        const SampleTable<scalar_t, acc_t>& t = tables[q & 1];
+        const Table& t = tables[q & 1];
         scalar_t* orow = out + ((n * Lq + q) * M + m) * D;
         int64_t ch = 0;
         for (; ch + 2 * K <= D; ch += 2 * K) gather<2>(t, LP, orow + ch, ch);
@@ -371,20 +385,33 @@ Inputs prepare(const at::Tensor& value, at::IntArrayRef shapes, const at::Tensor
 }
 
 // Value in the layout the kernels read. With many samples per pixel (the encoder: Lq * L * P = 16 S) a
-// head-major (N, M, S, D) copy pays for itself, as each head's pixels become contiguous (about 2x faster
-// gathers for spread-out points); with few (decoders: 300 queries) the copy would dominate, so value is
+// head-major copy pays for itself, as each head's pixels become contiguous (1.2-2x faster gathers, the more
+// the points spread); with few (decoders: 300 queries) the copy would dominate, so value is
 // read in place.
 bool use_head_major(const Inputs& in) { return in.Lq * static_cast<int64_t>(in.levels.size()) * in.P >= 4 * in.S; }
 
-// One buffer per image in the layout the kernels read, and that layout.
+// One buffer per image in the layout the kernels read, and that layout. A head-major buffer is (M * S + 1, D):
+// the heads' pixels, then the zero row.
 std::pair<std::vector<at::Tensor>, Layout> value_layout(const Inputs& in) {
   std::vector<at::Tensor> images;
   for (int64_t n = 0; n < in.N; ++n) {
     const at::Tensor image = in.value.select(0, n);
-    images.push_back(use_head_major(in) ? image.permute({1, 0, 2}).contiguous() : image.contiguous());
+    if (!use_head_major(in)) {
+      images.push_back(image.contiguous());
+      continue;
+    }
+    at::Tensor buffer = at::empty({in.M * in.S + 1, in.D}, in.value.options());
+    buffer.narrow(0, 0, in.M * in.S).view({in.M, in.S, in.D}).copy_(image.permute({1, 0, 2}));
+    buffer.select(0, in.M * in.S).zero_();
+    images.push_back(buffer);
   }
-  if (use_head_major(in)) return {images, Layout{in.S * in.D, in.D}};
-  return {images, Layout{in.D, in.M * in.D}};
+  if (use_head_major(in)) return {images, Layout{in.S * in.D, in.D, in.M * in.S * in.D}};
+  return {images, Layout{in.D, in.M * in.D, -1}};
+}
+
+// Relative int32 offsets reach every byte of a head-major image buffer below 2 GiB.
+bool relative_offsets(const Inputs& in, Layout lay) {
+  return lay.zero >= 0 && (lay.zero + in.D) * static_cast<int64_t>(in.value.element_size()) < (int64_t{1} << 31);
 }
 
 template <typename T>
@@ -400,9 +427,17 @@ at::Tensor forward(const at::Tensor& value, at::IntArrayRef shapes, const at::Te
   at::Tensor out = at::empty({in.N, in.Lq, in.M * in.D}, in.value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.value.scalar_type(), "ms_deform_attn_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_kernel<scalar_t, acc_t>(pointers<const scalar_t>(images), lay, in.loc.data_ptr<acc_t>(),
-                                    in.attn.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), in.N, in.M, in.D, in.Lq,
-                                    in.P, in.levels);
+    const auto run = [&](auto offset) {
+      forward_kernel<scalar_t, acc_t, decltype(offset)>(pointers<const scalar_t>(images), lay,
+                                                         in.loc.data_ptr<acc_t>(), in.attn.data_ptr<acc_t>(),
+                                                         out.data_ptr<scalar_t>(), in.N, in.M, in.D, in.Lq, in.P,
+                                                         in.levels);
+    };
+    if (relative_offsets(in, lay)) {
+      run(int32_t{0});
+    } else {
+      run(intptr_t{0});
+    }
   });
   return out.to(value.scalar_type());
 }
@@ -421,7 +456,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   at::Tensor grad_acc = head_major ? at::Tensor() : at::empty(in.value.sizes(), in.loc.options());
   std::vector<at::Tensor> grad_images;
   for (int64_t n = 0; n < in.N; ++n) {
-    grad_images.push_back(head_major ? at::empty(images[n].sizes(), in.loc.options()) : grad_acc.select(0, n));
+    grad_images.push_back(head_major ? at::empty({in.M, in.S, in.D}, in.loc.options()) : grad_acc.select(0, n));
   }
   at::Tensor grad_loc = at::empty_like(in.loc), grad_attn = at::empty_like(in.attn);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.value.scalar_type(), "ms_deform_attn_cpu_bwd", [&] {
