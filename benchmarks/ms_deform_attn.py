@@ -237,10 +237,38 @@ def fmt(v: float | None, digits: int = 1) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def cpu_ms_per_call(fn: Callable[[], object], repeats: int) -> float:
+    """Median process CPU time (all threads, user + system) per call: work done, whatever the wall clock."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        samples.append((time.process_time() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def print_batch_scaling(results: dict[tuple[str, str, int], tuple[float, float, float, float]]) -> None:
+    """Cost of each batch relative to batch 1, per case and implementation: wall (median, min) and CPU time."""
+    lines = []
+    for (case, name, batch), (fwd_med, fwd_min, bwd_med, cpu) in results.items():
+        one = results.get((case, name, 1))
+        if batch == 1 or one is None:
+            continue
+        lines.append(f"| {case} | {name} | {batch} | {fwd_med / one[0]:.2f}x | {fwd_min / one[1]:.2f}x | "
+                     f"{bwd_med / one[2]:.2f}x | {cpu / one[3]:.2f}x |")
+    if lines:
+        print("\nBatch N relative to batch 1 (fwd CPU = process CPU time of one forward, all threads):\n")
+        print("| case | impl | N | fwd median | fwd min | fwd+bwd median | fwd CPU |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(lines))
+
+
 def benchmark_cases(cases: list[Case], args: argparse.Namespace) -> None:
     """Time (and measure memory of) every implementation on every case; print one markdown table."""
     dtype = DTYPES[args.dtype]
     impls = implementations(args.device, args.impls)
+    scaling_results = {}
     print("| case | N | impl | fwd median ms | fwd min ms | fwd+bwd median ms | fwd+bwd min ms | "
           "fwd peak MB | fwd+bwd peak MB | fwd vs HF | fwd+bwd vs HF | max abs diff vs HF |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -260,6 +288,9 @@ def benchmark_cases(cases: list[Case], args: argparse.Namespace) -> None:
                 else:
                     mem = measure_memory_subprocess(name, case, args)
                 rows[name] = (fwd, bwd, mem)
+                if args.device == "cpu":
+                    cpu = cpu_ms_per_call(forward_fn(impl, x), args.repeats)
+                    scaling_results[(case.name, name, case.batch)] = (fwd[0], fwd[1], bwd[0], cpu)
             except Exception as exc:  # report and keep going: one broken backend must not hide the others
                 print(f"<!-- {case.name} N={case.batch} {name} failed: {type(exc).__name__}: {exc} -->")
         hf = rows.get("hf")
@@ -270,6 +301,7 @@ def benchmark_cases(cases: list[Case], args: argparse.Namespace) -> None:
             print(f"| {case.name} | {case.batch} | {name} | {fwd[0]:.2f} | {fwd[1]:.2f} | {bwd[0]:.2f} | "
                   f"{bwd[1]:.2f} | {fmt(mem[0])} | {fmt(mem[1])} | {fmt(fwd_ratio, 2)}x | "
                   f"{fmt(bwd_ratio, 2)}x | {diff} |", flush=True)
+    print_batch_scaling(scaling_results)
 
 
 def scaling(args: argparse.Namespace) -> None:
