@@ -65,11 +65,21 @@ def load_train_config(args: argparse.Namespace):
     return cfg
 
 
+def keep_freed_memory_on_cpu(device: str) -> None:
+    """CPU runs reuse freed memory between steps instead of page-faulting it afresh (see ddetr.engine.malloc)."""
+    from ddetr.engine.malloc import keep_freed_memory
+    from ddetr.engine.trainer import pick_device
+
+    if pick_device(device).type == "cpu":
+        keep_freed_memory()
+
+
 def run_train(args: argparse.Namespace) -> int:
     from ddetr.engine.trainer import train
     from ddetr.evaluation.coco_eval import format_table
 
     cfg = load_train_config(args)
+    keep_freed_memory_on_cpu(cfg.device)
     metrics = train(cfg, resume=args.resume, pretrained=args.pretrained, match_class_names=args.match_class_names)
     if metrics:
         print(format_table(metrics))
@@ -106,6 +116,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ddetr.interop import load_model
     from ddetr.models.postprocess import PostProcess
 
+    keep_freed_memory_on_cpu(args.device)
     model, cfg, meta = load_model(args.checkpoint)
     images, ann = resolve_paths(args.data, args.images, args.annotations, "eval")
     size = args.size or meta.get("val_size") or 800
@@ -224,6 +235,7 @@ def run_demo(args: argparse.Namespace) -> int:
     cfg.data.train, cfg.data.val = str(data / "train"), str(data / "val")
     cfg.output_dir = str(out)
     cfg.time_budget = args.time_budget
+    keep_freed_memory_on_cpu(cfg.device)
     resume = out / "last.pth"
     metrics = train(cfg, resume=str(resume) if resume.is_file() else None)
     print(format_table(metrics))
