@@ -178,3 +178,16 @@ def test_resuming_a_finished_run_only_evaluates(tiny_data, tmp_path):
     assert "AP" in metrics and again.global_step == 4
     for key, value in final_weights(tmp_path / "last.pth").items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+def test_amp_auto_is_bf16_only_where_native(monkeypatch):
+    from ddetr.engine import trainer
+
+    cpu = torch.device("cpu")
+    assert trainer.resolve_amp("fp16", cpu) == "fp16" and trainer.resolve_amp("none", cpu) == "none"
+    for amx, avx512_bf16, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "none")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert trainer.resolve_amp("auto", cpu) == expected
+    with pytest.raises(ValueError, match="auto"):
+        TrainConfig(amp="bf32")

@@ -28,7 +28,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="number of epochs (default: the recipe's)")
     p.add_argument("--batch-size", type=int, help="images per process and step (default: the recipe's)")
     p.add_argument("--time-budget", type=float, help="seconds; stop when the next epoch would not fit")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="mixed precision (default: none)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"],
+                   help="mixed precision; auto: bf16 where the device computes it natively (default: none)")
     p.add_argument("--output", help="run folder for checkpoints and logs (default: the recipe's)")
     p.add_argument("--resume", help="continue a run from its checkpoint (e.g. OUTPUT/last.pth)")
     p.add_argument("--pretrained", help="start from weights (ddetr, official .pth or HF folder); class heads are "

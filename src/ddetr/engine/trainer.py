@@ -28,6 +28,21 @@ log = logging.getLogger("ddetr.train")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 in hardware: CUDA with bf16 support, or a CPU with AMX or AVX512-BF16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    checks = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    return any(check is not None and check() for check in checks)
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto`` becomes bf16 where it is native (faster there) and none elsewhere (emulated bf16 is slower)."""
+    if amp != "auto":
+        return amp
+    return "bf16" if native_bf16(device) else "none"
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,8 +78,11 @@ class Trainer:
         self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim.lr_drop)
-        self.amp_dtype = AMP_DTYPES[cfg.amp]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        amp = resolve_amp(cfg.amp, self.device)
+        if amp != cfg.amp:
+            log.info("amp auto: %s on %s", amp, self.device)
+        self.amp_dtype = AMP_DTYPES[amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_ap, self.elapsed, self.history = -1.0, 0.0, []
         self.lr_dropped_by_time = False
