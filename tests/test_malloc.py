@@ -27,7 +27,7 @@ def probe(mode: str) -> tuple[str, int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
 def test_large_allocations_reuse_freed_memory():
-    default_applied, default_faults = probe("off")
+    _, default_faults = probe("off")
     applied, faults = probe("on")
     assert applied == "True"
     assert default_faults > 10_000  # 48 MB / 4 KiB pages: glibc unmapped the first tensor, the second faults anew

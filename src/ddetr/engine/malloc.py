@@ -2,7 +2,7 @@
 
 glibc serves every allocation above 32 MB with a fresh ``mmap`` and unmaps it on free, so each training step
 page-faults its large activations and gradients anew. Measured with ``deformable-detr`` at 512x683 on 2 threads
-(README, operator benchmarks): a batch-2 training step took 17.0 s and 335k page faults by default, 13.2 s and 18k
+(README, operator section): a batch-2 training step took 17.0 s and 335k page faults by default, 13.2 s and 18k
 faults with this, for a 2% higher peak RSS.
 """
 
