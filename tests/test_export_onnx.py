@@ -9,8 +9,9 @@ import onnx
 import pytest
 import torch
 
+from ddetr.cli.export import add_args as add_export_args
+from ddetr.cli.export import run as run_export
 from ddetr.export import OnnxDetector, export_onnx
-from ddetr.export.cli import add_export_args, run_export
 from ddetr.interop import save_ddetr
 from ddetr.models import DeformableDETR, preset
 from ddetr.models.postprocess import PostProcess

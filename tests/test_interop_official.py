@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from ddetr.cli.convert import add_args as add_convert_args
+from ddetr.cli.convert import run as run_convert
 from ddetr.interop import load_model, read_checkpoint, save_ddetr, save_official
-from ddetr.interop.cli import add_convert_args, run_convert
 from ddetr.models import DeformableDETR, preset
 
 SMALL = dict(backbone="resnet18", hidden_dim=64, enc_layers=2, dec_layers=3, dim_feedforward=96, num_queries=12,

@@ -36,7 +36,7 @@ def test_large_allocations_reuse_freed_memory():
 
 def test_cli_applies_it_to_cpu_runs_only(monkeypatch):
     import ddetr.engine.malloc as malloc
-    from ddetr.cli.commands import keep_freed_memory_on_cpu
+    from ddetr.cli.common import keep_freed_memory_on_cpu
 
     calls = []
     monkeypatch.setattr(malloc, "keep_freed_memory", lambda: calls.append(True) or True)

@@ -294,7 +294,8 @@ def test_plot_pixel_attention(recorded):
 # ---- CLI ---------------------------------------------------------------------------------------------------
 def test_visualize_cli_writes_pngs(tmp_path: Path):
     """Needs `ddetr.interop.load_model` to read our own checkpoint format."""
-    from ddetr.viz.cli import add_visualize_args, run_visualize
+    from ddetr.cli.visualize import add_args as add_visualize_args
+    from ddetr.cli.visualize import run as run_visualize
 
     torch.manual_seed(1)
     model = DeformableDETR(CFG)

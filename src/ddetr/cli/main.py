@@ -6,9 +6,21 @@ import argparse
 import logging
 import sys
 
-from ddetr.cli import commands
+from ddetr.cli import bench, convert, data, demo, export, predict, train, visualize
+from ddetr.cli import eval as eval_
 
 DESCRIPTION = "Deformable DETR: train, evaluate, predict, export, convert and inspect detectors."
+# name -> (module with add_args/run, one-line help). Command modules import torch only inside `run`.
+COMMANDS = {
+    "train": (train, "Train a detector on a COCO-format dataset."),
+    "eval": (eval_, "Evaluate a checkpoint with COCO AP on a COCO-format dataset."),
+    "predict": (predict, "Detect objects in images; write JSON results and drawn images."),
+    "export": (export, "Export a checkpoint to ONNX."),
+    "convert": (convert, "Convert weights between ddetr, official and Hugging Face formats."),
+    "visualize": (visualize, "Draw detections and the sampling points / attention of queries."),
+    "bench": (bench, "Time the deformable attention backends side by side."),
+    "demo": (demo, "The main job: synthetic data -> train the demo preset on CPU -> evaluate -> draw predictions."),
+}
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -19,31 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddetr", description=DESCRIPTION, formatter_class=_Formatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, help_text: str, setup, run) -> None:
+    for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter)
-        setup(p)
-        p.set_defaults(run=run)
-
-    add("train", "Train a detector on a COCO-format dataset.", commands.add_train_args, commands.run_train)
-    add("eval", "Evaluate a checkpoint with COCO AP on a COCO-format dataset.", commands.add_eval_args,
-        commands.run_eval)
-    add("predict", "Detect objects in images; write JSON results and drawn images.", commands.add_predict_args,
-        commands.run_predict)
-    add("export", "Export a checkpoint to ONNX.", commands.add_export_args, commands.run_export)
-    add("convert", "Convert weights between ddetr, official and Hugging Face formats.", commands.add_convert_args,
-        commands.run_convert)
-    add("visualize", "Draw detections and the sampling points / attention of queries.", commands.add_visualize_args,
-        commands.run_visualize)
-    add("bench", "Time the deformable attention backends side by side.", commands.add_bench_args, commands.run_bench)
-    add("demo", "The main job: synthetic data -> train the demo preset on CPU -> evaluate -> draw predictions.",
-        commands.add_demo_args, commands.run_demo)
-    data = sub.add_parser("data", help="Dataset tools.", formatter_class=_Formatter)
-    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    synth = data_sub.add_parser("synth", help="Write the built-in synthetic dataset (COCO JSON + images).",
-                                formatter_class=_Formatter)
-    commands.add_synth_args(synth)
-    synth.set_defaults(run=commands.run_synth)
+        module.add_args(p)
+        p.set_defaults(run=module.run)
+    tools = sub.add_parser("data", help="Dataset tools.", formatter_class=_Formatter)
+    tools_sub = tools.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    synth = tools_sub.add_parser("synth", help=data.__doc__.split(": ", 1)[1], formatter_class=_Formatter)
+    data.add_args(synth)
+    synth.set_defaults(run=data.run)
     return parser
 
 

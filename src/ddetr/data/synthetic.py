@@ -1,6 +1,5 @@
 """Built-in synthetic COCO-format dataset: coloured shapes on cluttered, noisy backgrounds, for demos and tests."""
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -185,23 +184,3 @@ def generate(
     for split, (name, n) in enumerate((("train", num_train), ("val", num_val))):
         counts[name] = _write_split(out / name, split, n, image_size, seed, (min_objects, max_objects), image_format)
     return counts
-
-
-def add_synth_args(parser: argparse.ArgumentParser) -> None:
-    """Options of `ddetr data synth`."""
-    parser.add_argument("--out", required=True, help="output folder (gets train/ and val/)")
-    parser.add_argument("--num-train", type=int, default=1000, help="training images")
-    parser.add_argument("--num-val", type=int, default=200, help="validation images")
-    parser.add_argument("--image-size", type=int, default=256, help="square image side in pixels")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
-    parser.add_argument("--min-objects", type=int, default=2, help="fewest objects per image")
-    parser.add_argument("--max-objects", type=int, default=8, help="most objects per image")
-
-
-def run_synth(args: argparse.Namespace) -> None:
-    """Entry point of `ddetr data synth`."""
-    counts = generate(
-        args.out, args.num_train, args.num_val, args.image_size, args.seed, args.min_objects, args.max_objects
-    )
-    for split, n in counts.items():
-        print(f"{Path(args.out) / split}: {getattr(args, f'num_{split}')} images, {n} boxes")

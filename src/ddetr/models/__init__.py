@@ -1,8 +1,24 @@
-"""Deformable DETR model, its training objective and post-processing."""
+"""Deformable DETR model, its training objective and post-processing (torch is imported on first use)."""
 
-from ddetr.models.build import build, build_criterion
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from ddetr.models.config import PRESETS, DetectorConfig, LossConfig, ModelConfig, preset
-from ddetr.models.deformable_detr import DeformableDETR
 
 __all__ = ["build", "build_criterion", "DeformableDETR", "DetectorConfig", "LossConfig", "ModelConfig", "PRESETS",
            "preset"]
+
+
+def __getattr__(name: str) -> Any:
+    """`ddetr.models.config` (presets, configs) stays importable without torch, e.g. for `ddetr --help`."""
+    if name in ("build", "build_criterion"):
+        module = importlib.import_module("ddetr.models.build")
+        globals().update(build=module.build, build_criterion=module.build_criterion)  # the import set build=module
+        return globals()[name]
+    if name == "DeformableDETR":
+        from ddetr.models.deformable_detr import DeformableDETR
+
+        return DeformableDETR
+    raise AttributeError(f"module 'ddetr.models' has no attribute {name!r}")

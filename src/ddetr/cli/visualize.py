@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 
 def _layer(text: str) -> int | None:
     """'all' -> None (every layer), else a layer index (negative counts from the end)."""
@@ -18,7 +16,7 @@ def _layer(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected a layer index or 'all', got {text!r}") from None
 
 
-def add_visualize_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="ddetr checkpoint, official .pth or Hugging Face model folder")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -35,7 +33,9 @@ def add_visualize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="visualize", help="folder for the PNG files")
 
 
-def run_visualize(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ddetr.inference import list_images, preprocess, read_image, to_uint8_tensor
     from ddetr.interop import load_model
     from ddetr.viz.attention import (

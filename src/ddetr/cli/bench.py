@@ -7,16 +7,16 @@ import runpy
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "ms_deform_attn.py"
+SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "ms_deform_attn.py"
 
 
-def add_bench_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bench_args", nargs="*", metavar="OPTION",
                    help="options passed on to benchmarks/ms_deform_attn.py (e.g. --quick, --scaling, --device cuda; "
                         "`ddetr bench --help` shows this, `ddetr bench --quick --help` the script's own)")
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if not SCRIPT.is_file():
         raise FileNotFoundError(f"{SCRIPT}: benchmark script not found (run from a source checkout)")
     sys.argv = [str(SCRIPT), *args.bench_args]

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ddetr.interop.load import load_model, save_ddetr, save_hf, save_official
 
-
-def add_convert_args(parser: argparse.ArgumentParser) -> None:
+def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="our .pth/.safetensors checkpoint, an official .pth, or a Hugging Face folder")
     parser.add_argument("dst", help="output file (ddetr: .pth or .safetensors; official: .pth) or folder (hf)")
     parser.add_argument("--to", choices=["ddetr", "hf", "official"], default="ddetr", help="output layout")
@@ -18,7 +16,9 @@ def add_convert_args(parser: argparse.ArgumentParser) -> None:
                         help="official two-stage checkpoints: number of proposals (300)")
 
 
-def run_convert(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
+    from ddetr.interop.load import load_model, save_ddetr, save_hf, save_official
+
     model, cfg, meta = load_model(args.src, dilation=args.dilation or None, nheads=args.nheads,
                                   num_queries=args.num_queries)
     names = meta.get("class_names")

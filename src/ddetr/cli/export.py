@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def add_export_args(parser: argparse.ArgumentParser) -> None:
+def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="our checkpoint, an official .pth or a HF folder")
     parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
     parser.add_argument("--out", required=True, help="output .onnx file")
@@ -21,7 +21,7 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
                         help="the official checkpoint is a DC5 model (its keys cannot show it)")
 
 
-def run_export(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     import torch
 
     from ddetr.export.onnx import OnnxDetector, export_onnx
