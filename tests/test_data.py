@@ -263,10 +263,13 @@ def test_category_mapping_crowd_and_empty_images(tmp_path):
     assert gt["annotations"][0]["area"] == 50.0
 
 
-def test_box_within_tolerance_is_clipped(tmp_path):
-    anns = [annotation(1, 1, 2, [-0.8, 20.5, 10, 10.4])]  # sticks out 0.8 px left and 0.9 px at the bottom
-    _, t = CocoDetection(*write_dataset(tmp_path, [image(1)], anns, CATS))[0]
-    torch.testing.assert_close(absolute_boxes(t), torch.tensor([[0.0, 20.5, 9.2, 30]]))
+def test_box_partly_outside_is_clipped(tmp_path):
+    anns = [annotation(1, 1, 2, [-0.8, 20.5, 10, 10.4]),  # sticks out 0.8 px left and 0.9 px at the bottom
+            annotation(2, 1, 2, [25, -12, 30, 20])]  # far out right and top: clipped too, as the official code
+    ds = CocoDetection(*write_dataset(tmp_path, [image(1)], anns, CATS))
+    _, t = ds[0]
+    torch.testing.assert_close(absolute_boxes(t), torch.tensor([[0.0, 20.5, 9.2, 30], [25, 0, 40, 8]]))
+    assert ds.box_changes == {"clipped": 2}
 
 
 GOOD_IMAGES = [image(1), image(2)]
@@ -276,13 +279,16 @@ BAD_CASES = {
     "missing image key": (GOOD_IMAGES + [{"id": 3, "file_name": "3.png", "width": 40}], GOOD_ANNS, CATS,
                           "images[2] (id=3): missing key(s) 'height'", "images"),
     "missing image file": (GOOD_IMAGES + [image(3) | {"file_name": "nope.png"}], GOOD_ANNS, CATS,
-                           "images[2] (id=3): image file not found", "images"),
+                           "nope.png: image file not found", "images"),
     "duplicate image id": (GOOD_IMAGES + [image(1) | {"file_name": "x.png"}], GOOD_ANNS, CATS,
                            "images[2] (id=1): duplicate image id 1", "images"),
-    "bbox outside": (GOOD_IMAGES, GOOD_ANNS + [annotation(3, 1, 2, [30, 5, 11.5, 5])], CATS,
-                     "annotations[2] (id=3): bbox [30, 5, 11.5, 5] lies outside image id 1 (40x30)", "annotations"),
-    "zero width": (GOOD_IMAGES, GOOD_ANNS + [annotation(3, 1, 2, [3, 5, 0, 5])], CATS,
-                   "annotations[2] (id=3): bbox [3, 5, 0, 5] has non-positive width or height", "annotations"),
+    "bbox not 4 numbers": (GOOD_IMAGES, GOOD_ANNS + [annotation(3, 1, 2, [30, 5, 11.5])], CATS,
+                           "annotations[2] (id=3): bbox must be [x, y, width, height] numbers, got [30, 5, 11.5]",
+                           "annotations"),
+    "negative width": (GOOD_IMAGES, GOOD_ANNS + [annotation(3, 1, 2, [3, 5, -1, 5])], CATS,
+                       "annotations[2] (id=3): bbox [3, 5, -1, 5] has a negative width or height", "annotations"),
+    "duplicate annotation id": (GOOD_IMAGES, GOOD_ANNS + [annotation(2, 1, 2, [3, 5, 2, 5])], CATS,
+                                "annotations[2] (id=2): duplicate annotation id 2", "annotations"),
     "unknown category": (GOOD_IMAGES, GOOD_ANNS + [annotation(3, 1, 5, [3, 5, 2, 5])], CATS,
                          "annotations[2] (id=3): unknown category id 5", "annotations"),
     "unknown image": (GOOD_IMAGES, GOOD_ANNS + [annotation(3, 8, 2, [3, 5, 2, 5])], CATS,
@@ -331,35 +337,31 @@ def test_malformed_json_and_missing_top_level_key(tmp_path):
         CocoDetection(tmp_path, path)
 
 
-@pytest.mark.parametrize("problem", ["corrupt", "wrong size", "truncated"])
-def test_unreadable_image_named_at_getitem(tmp_path, problem, caplog):
+@pytest.mark.parametrize("problem", ["corrupt", "wrong size", "huge claimed size"])
+def test_bad_image_files_are_caught_up_front(tmp_path, problem, caplog):
     img_dir, ann_file = write_dataset(tmp_path, GOOD_IMAGES, GOOD_ANNS, CATS)
+    path = img_dir / "1.png"
     if problem == "corrupt":
-        (img_dir / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-        fragment, load_fragment = "cannot read image (id 1)", "images[0] (id=1): cannot read image"
+        path.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+        fragment = f"images[0] (id=1): {path}: cannot read image: "
     elif problem == "wrong size":
-        Image.new("RGB", (41, 30)).save(img_dir / "1.png")
-        fragment = "image is 41x30 but annotations.json says 40x30 (id 1)"
-        load_fragment = "images[0] (id=1): image " + str(img_dir / "1.png") + " is 41x30, not 40x30"
-    else:  # a valid header with the pixel data cut off: only decoding finds it
-        Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(img_dir / "1.png")
-        (img_dir / "1.png").write_bytes((img_dir / "1.png").read_bytes()[:200])
-        fragment, load_fragment = "cannot read image (id 1)", None
-    ds = CocoDetection(img_dir, ann_file)  # without skip_bad, image files are only opened by __getitem__
+        Image.new("RGB", (41, 30)).save(path)
+        fragment = f"images[0] (id=1): {path}: image is 41x30, not 40x30"
+    else:  # the entry claims a size the file does not have (this used to fail only inside training)
+        data = json.loads(ann_file.read_text())
+        data["images"][0] |= {"width": 100000, "height": 80000}
+        ann_file.write_text(json.dumps(data))
+        fragment = f"images[0] (id=1): {path}: image is 40x30, not 100000x80000"
     with pytest.raises(DatasetError) as err:
-        ds[0]
-    assert str(err.value).startswith(f"{img_dir / '1.png'}: ") and fragment in str(err.value)
+        CocoDetection(img_dir, ann_file)  # before any __getitem__
+    assert str(err.value).startswith(f"{ann_file}: ") and fragment in str(err.value)
     assert "\n" not in str(err.value)
     with caplog.at_level(logging.WARNING):
         ds = CocoDetection(img_dir, ann_file, skip_bad=True)
-        _, target = ds[0]
-    if load_fragment:  # with skip_bad the header is read at load time: image and its annotation skipped
-        assert ds.image_ids == [2] and ds.skipped == {"images": 1, "annotations": 1}
-        assert any(load_fragment in r.getMessage() for r in caplog.records)
-    else:  # found while training: logged, counted, and the next image stands in
-        assert ds.image_ids == [1, 2] and ds.skipped == {"unreadable images": 1}
-        assert any(fragment in r.getMessage() for r in caplog.records)
-    assert target["image_id"] == 2
+    assert ds.image_ids == [2] and ds.skipped == {"images": 1, "annotations": 1}
+    assert ds.skip_summary() == "skipped 1 annotations, 1 images"
+    assert any(fragment in r.getMessage() for r in caplog.records)
+    assert ds[0][1]["image_id"] == 2
 
 
 # ---------------------------------------------------------------- batching

@@ -13,13 +13,13 @@ from torch import nn
 
 from ddetr.models import PRESETS, DeformableDETR, DetectorConfig, build, preset
 from ddetr.models.config import load_config, save_config
-from ddetr.models.ms_deform_attn import MSDeformAttn
+from ddetr.models.deform_attn import MSDeformAttn
 
 NUM_CLASSES = 7
 # Shrinks the transformer (never the variant flags) so every preset runs in well under a second;
 # ResNet-18 stands in for ResNet-50 except where a preset needs a bottleneck ResNet (DC5).
 SMALL = {"hidden_dim": 64, "nheads": 8, "enc_layers": 1, "dec_layers": 3, "dim_feedforward": 96,
-         "num_queries": 12, "num_classes": NUM_CLASSES}
+         "num_queries": 12, "num_classes": NUM_CLASSES, "pretrained_backbone": "none"}
 
 
 def small(name: str, **overrides) -> DetectorConfig:

@@ -36,8 +36,9 @@ def synthetic_batch(n: int = 4, seed: int = 0) -> tuple[torch.Tensor, list[dict[
 def test_tiny_model_overfits_synthetic_images() -> None:
     """60 AdamW steps (~10 s on two idle cores): the loss drops >10x, the top detections are the objects."""
     torch.manual_seed(0)
-    cfg = preset("deformable-detr", backbone="resnet18", frozen_batchnorm=False, hidden_dim=64, nheads=4,
-                 enc_layers=1, dec_layers=2, dim_feedforward=128, num_queries=12, num_classes=3, dropout=0.0)
+    cfg = preset("deformable-detr", backbone="resnet18", pretrained_backbone="none", frozen_batchnorm=False,
+                 hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=128, num_queries=12,
+                 num_classes=3, dropout=0.0)
     model, criterion, postprocess = build(cfg)
     images, targets = synthetic_batch()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)

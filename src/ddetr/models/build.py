@@ -18,9 +18,13 @@ def build_criterion(cfg: DetectorConfig) -> SetCriterion:
     return SetCriterion(cfg.model.num_classes, matcher, weights, loss.focal_alpha, loss.focal_gamma)
 
 
-def build(cfg: DetectorConfig) -> tuple[DeformableDETR, nn.Module, PostProcess]:
-    """(model, criterion, postprocessor), as DETR's `build`; aux losses are dropped when ``loss.aux_loss`` is off."""
+def build(cfg: DetectorConfig, backbone_weights: bool = True) -> tuple[DeformableDETR, nn.Module, PostProcess]:
+    """(model, criterion, postprocessor): the training recipe, as DETR's `build`. Unlike `DeformableDETR(cfg.model)`
+    (the architecture, randomly initialised), the backbone starts from ``model.pretrained_backbone`` (ImageNet by
+    default; pass ``backbone_weights=False`` when a checkpoint replaces them anyway); aux losses follow ``loss``."""
     model = DeformableDETR(cfg.model)
+    if backbone_weights:
+        model.backbone.load_pretrained(cfg.model.pretrained_backbone)
     criterion = build_criterion(cfg)
     if not cfg.loss.aux_loss:
         criterion = _NoAux(criterion)
