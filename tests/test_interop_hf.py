@@ -150,23 +150,44 @@ def test_official_checkpoint_matches_transformers(case, tmp_path):
     name, hf, _ = case
     official = hf_to_official_reference(hf.state_dict())
     path = tmp_path / "checkpoint.pth"
-    torch.save({"model": official, "optimizer": {"state": {}, "param_groups": [{"lr": 2e-4}]},
-                "lr_scheduler": {"step_size": 40}, "epoch": 49, "args": argparse.Namespace(lr=2e-4)}, path)
     v = VARIANTS[name]
-    model, cfg, meta = load_model(path, dilation=v.get("dilation", False), num_queries=QUERIES)
+    # The official main.py's argparse Namespace, as its released checkpoints carry it: the only place that tells
+    # DC5 from plain single-scale and the two-stage proposal count.
+    args = argparse.Namespace(lr=2e-4, backbone=v.get("backbone", "resnet18"), dilation=v.get("dilation", False),
+                              position_embedding="sine", num_feature_levels=v.get("num_feature_levels", 4),
+                              enc_layers=2, dec_layers=DEC_LAYERS, dim_feedforward=96, hidden_dim=64, dropout=0.1,
+                              nheads=8, num_queries=QUERIES, dec_n_points=2, enc_n_points=3,
+                              with_box_refine=v.get("with_box_refine", False), two_stage=v.get("two_stage", False))
+    torch.save({"model": official, "optimizer": {"state": {}, "param_groups": [{"lr": 2e-4}]},
+                "lr_scheduler": {"step_size": 40}, "epoch": 49, "args": args}, path)
+    model, cfg, meta = load_model(path)  # no hints: everything comes from the args and the keys
     assert meta["format"] == "official" and cfg.model.with_box_refine == v.get("with_box_refine", False)
+    assert cfg.model.dilation == v.get("dilation", False) and cfg.model.num_queries == QUERIES
     assert_parity(model, hf)
+    if v.get("num_feature_levels") == 1:  # without args a single-scale file cannot tell DC5: loading asks
+        torch.save({"model": official}, tmp_path / "no_args.pth")
+        with pytest.raises(ValueError, match="dilation=True/False"):
+            load_model(tmp_path / "no_args.pth")
+        with pytest.raises(ValueError, match="dilation"):  # a hint that contradicts the args is named
+            load_model(path, dilation=not v.get("dilation", False))
     # ddetr's own official writer produces exactly these keys and tensors.
     save_official(model, cfg, tmp_path / "ours.pth")
-    written = torch.load(tmp_path / "ours.pth", weights_only=True)["model"]
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ours = torch.load(tmp_path / "ours.pth", weights_only=True)
+    written = ours["model"]
+    assert all(getattr(ours["args"], k) == getattr(args, k) for k in ("dilation", "with_box_refine", "two_stage"))
     assert sorted(written) == sorted(official)
     assert all(torch.equal(written[k], official[k]) for k in official)
+    args.with_box_refine = not args.with_box_refine
+    torch.save({"model": official, "args": args}, tmp_path / "wrong_args.pth")
+    with pytest.raises(ValueError, match="with_box_refine: args"):
+        load_model(tmp_path / "wrong_args.pth")
 
 
 def test_round_trip_ddetr_hf_ddetr(case, tmp_path):
     _, hf, folder = case
     model, cfg, meta = load_model(folder)
-    save_hf(model, cfg, tmp_path / "hf", id2label=dict(enumerate(meta["class_names"])))
+    save_hf(model, cfg, tmp_path / "hf", meta)
     again, info = DeformableDetrForObjectDetection.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not any(info.values()), info
     assert_parity(model, again.eval())

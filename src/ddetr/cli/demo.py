@@ -6,7 +6,6 @@ import argparse
 import time
 from pathlib import Path
 
-from ddetr.cli import predict
 from ddetr.cli.common import keep_freed_memory_on_cpu
 
 
@@ -22,6 +21,8 @@ def run(args: argparse.Namespace) -> int:
     from ddetr.engine.config import train_preset
     from ddetr.engine.trainer import train
     from ddetr.evaluation.coco_eval import format_table
+    from ddetr.inference import Detector
+    from ddetr.viz.draw import draw_detections
 
     start = time.monotonic()
     out = Path(args.out)
@@ -38,10 +39,11 @@ def run(args: argparse.Namespace) -> int:
     metrics = train(cfg, resume=str(resume) if resume.is_file() else None)
     print(format_table(metrics))
     best = out / "best.pth" if (out / "best.pth").is_file() else out / "last.pth"
-    ns = argparse.Namespace(checkpoint=str(best), onnx=None, device="cpu",
-                            inputs=[str(p) for p in sorted((data / "val" / "images").iterdir())[:8]],
-                            threshold=0.3, size=None, out=str(out / "predictions"), no_draw=False)
-    predict.run(ns)
+    detector = Detector.from_checkpoint(best)
+    drawn = out / "predictions"
+    drawn.mkdir(exist_ok=True)
+    for result in detector.predict_files(sorted((data / "val" / "images").iterdir())[:8], threshold=0.3):
+        draw_detections(result.image, result.detections).save(drawn / f"{result.path.stem}_pred.png")
     print(f"demo finished in {time.monotonic() - start:.0f}s: curves {out / 'curves.png'}, "
           f"drawn predictions in {out / 'predictions'}")
     return 0

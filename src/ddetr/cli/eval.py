@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 
-from ddetr.cli.common import add_checkpoint_args, keep_freed_memory_on_cpu
-
-log = logging.getLogger("ddetr")
+from ddetr.cli.common import add_checkpoint_args, add_variant_hints, keep_freed_memory_on_cpu, positive_int
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -17,39 +14,41 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="dataset DIR (DIR/annotations.json + DIR/images/)")
     p.add_argument("--images", help="images folder (instead of --data)")
     p.add_argument("--annotations", help="COCO annotations JSON (instead of --data)")
-    p.add_argument("--size", type=int, help="shorter side at inference (default: the checkpoint's val size or 800)")
-    p.add_argument("--max-size", type=int, help="longer side limit (default: the checkpoint's or 1333)")
-    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
+    p.add_argument("--size", type=positive_int,
+                   help="shorter side at inference (default: the checkpoint's val size or 800)")
+    p.add_argument("--max-size", type=positive_int, help="longer side limit (default: the checkpoint's or 1333)")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="images per forward pass")
     p.add_argument("--out", help="write metrics (JSON) and COCO results (JSON) into this folder")
+    add_variant_hints(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ddetr.data.coco import CocoDetection
     from ddetr.data.transforms import val_transforms
     from ddetr.engine.data import make_loader, resolve_paths
+    from ddetr.engine.device import resolve_device
     from ddetr.engine.evaluate import evaluate
+    from ddetr.engine.state import json_safe
     from ddetr.evaluation.coco_eval import format_table
     from ddetr.interop import load_model
     from ddetr.models.postprocess import PostProcess
 
-    keep_freed_memory_on_cpu(args.device)
-    model, cfg, meta = load_model(args.checkpoint)
+    if not args.data and not (args.images and args.annotations):
+        raise ValueError("no data to evaluate on: give --data DIR, or both --images and --annotations")
     images, ann = resolve_paths(args.data, args.images, args.annotations, "eval")
-    size = args.size or meta.get("val_size") or 800
-    max_size = args.max_size or meta.get("max_size") or 1333
-    dataset = CocoDetection(images, ann, val_transforms(size=size, max_size=max_size))
-    if dataset.num_classes != cfg.model.num_classes and meta.get("category_ids") is None:
-        log.warning("dataset has %d classes, model %d", dataset.num_classes, cfg.model.num_classes)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
+    keep_freed_memory_on_cpu(args.device)
+    model, cfg, meta = load_model(args.checkpoint, dilation=args.dilation, nheads=args.nheads,
+                                  num_queries=args.num_queries)
+    size, max_size = args.size or meta["val_size"], args.max_size or meta["max_size"]
+    dataset = CocoDetection(images, ann, val_transforms(size=size, max_size=max_size), allow_empty=True)
     loader = make_loader(dataset, args.batch_size, False, 0, 0)
-    metrics, results = evaluate(model.to(device), PostProcess(cfg.top_k), loader, device)
+    metrics, results = evaluate(model.to(device), PostProcess(cfg.top_k), loader, device, meta["category_ids"])
     print(format_table(metrics))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
         (out / "results.json").write_text(json.dumps(results))
         print(f"wrote {out / 'metrics.json'} and {out / 'results.json'}")
     return 0

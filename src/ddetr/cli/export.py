@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ddetr.cli.common import add_variant_hints
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="our checkpoint, an official .pth or a HF folder")
@@ -17,8 +19,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--static", action="store_true", help="fix batch and image size to the sample size")
     parser.add_argument("--size", type=int, nargs=2, default=(320, 416), metavar=("H", "W"),
                         help="sample image size traced (and the fixed size with --static)")
-    parser.add_argument("--dilation", action="store_true",
-                        help="the official checkpoint is a DC5 model (its keys cannot show it)")
+    add_variant_hints(parser)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -28,11 +29,12 @@ def run(args: argparse.Namespace) -> None:
     from ddetr.interop import load_model
     from ddetr.models.postprocess import PostProcess
 
-    model, cfg, meta = load_model(args.checkpoint, dilation=args.dilation or None)
+    model, cfg, meta = load_model(args.checkpoint, dilation=args.dilation, nheads=args.nheads,
+                                  num_queries=args.num_queries)
     top_k = args.top_k or cfg.top_k
     size = tuple(args.size)
     path = export_onnx(model, args.out, opset=args.opset, dynamic=not args.static, postprocess=args.postprocess,
-                       top_k=top_k, sample_size=size, class_names=meta.get("class_names"))
+                       top_k=top_k, sample_size=size, meta=meta)
     # Check the exported graph against PyTorch on a fresh input (another size when dynamic).
     h, w = size if args.static else (size[0] + 32, size[1] - 32)
     images = torch.randn(1, 3, h, w)

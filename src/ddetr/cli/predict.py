@@ -4,59 +4,141 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
-from ddetr.cli.common import add_checkpoint_args
+from ddetr.cli.common import add_checkpoint_args, add_variant_hints
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a score in [0, 1], got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     add_checkpoint_args(p, required=False)
     p.add_argument("--onnx", help="run an exported ONNX model through onnxruntime instead of a checkpoint")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
-    p.add_argument("--threshold", type=float, default=0.3, help="minimum score to keep a detection")
-    p.add_argument("--size", type=int, help="shorter side at inference (default: the checkpoint's)")
+    p.add_argument("--threshold", type=_probability, default=0.3, help="minimum score to keep a detection, in [0, 1]")
+    p.add_argument("--size", type=_positive, help="shorter side at inference (default: the model's)")
+    p.add_argument("--max-size", type=_positive, help="longer side limit at inference (default: the model's)")
+    p.add_argument("--annotations", help="COCO JSON listing these images: coco_results.json then carries its image "
+                                         "ids (matched by file name), ready for pycocotools")
+    p.add_argument("--batch-size", type=_positive, default=4, help="images per forward pass")
+    p.add_argument("--workers", type=_positive, default=2, help="threads decoding and resizing images ahead")
     p.add_argument("--out", default="predictions", help="folder for results.json, coco_results.json and drawn images")
     p.add_argument("--no-draw", action="store_true", help="only write JSON")
+    add_variant_hints(p)
+
+
+def image_ids_by_name(annotations: str | Path) -> dict[str, int]:
+    """file_name -> image id of a COCO JSON (also by base name when that is unambiguous)."""
+    path = Path(annotations)
+    try:
+        images = json.loads(path.read_text(encoding="utf-8"))["images"]
+        pairs = [(str(im["file_name"]), int(im["id"])) for im in images]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: annotation file not found") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a COCO annotation file with images[].file_name and id ({exc!r})") from None
+    ids = dict(pairs)
+    base = {}
+    for name, image_id in pairs:
+        base.setdefault(Path(name).name, []).append(image_id)
+    ids.update({name: found[0] for name, found in base.items() if len(found) == 1 and name not in ids})
+    return ids
+
+
+def _lookup_id(path: Path, ids: dict[str, int], roots: list[Path]) -> int | None:
+    for root in roots:
+        try:
+            rel = path.relative_to(root).as_posix()
+        except ValueError:
+            continue
+        if rel in ids:
+            return ids[rel]
+    return ids.get(path.name)
+
+
+def coco_records(det: dict[str, Any], image_id: int | None, file_name: str,
+                 category_ids: list[int]) -> list[dict[str, Any]]:
+    """COCO result dicts (xywh, full precision) of one image: with its dataset image id, else with its file name."""
+    from ddetr.evaluation.coco_eval import to_coco_results
+
+    results = to_coco_results([det], [0 if image_id is None else image_id], category_ids)
+    if image_id is None:
+        results = [{"file_name": file_name, **{k: v for k, v in r.items() if k != "image_id"}} for r in results]
+    return results
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ddetr.inference import Detector, list_images, read_image
+    from ddetr.inference import Detector, list_images
 
     if bool(args.checkpoint) == bool(args.onnx):
         raise ValueError("give exactly one of --checkpoint or --onnx")
-    kwargs = {"size": args.size} if args.size else {}
-    if args.onnx:
-        detector = Detector.from_onnx(args.onnx, **kwargs)
-    else:
-        detector = Detector.from_checkpoint(args.checkpoint, device=args.device, **kwargs)
     paths = list_images(args.inputs)
     if not paths:
         raise ValueError(f"no images found in {args.inputs}")
+    ids = image_ids_by_name(args.annotations) if args.annotations else None
+    if args.onnx:
+        detector = Detector.from_onnx(args.onnx, size=args.size, max_size=args.max_size)
+    else:
+        detector = Detector.from_checkpoint(args.checkpoint, device=args.device, size=args.size,
+                                            max_size=args.max_size, dilation=args.dilation, nheads=args.nheads,
+                                            num_queries=args.num_queries)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    records, coco = [], []
-    names = detector.class_names
-    for index, path in enumerate(tqdm(paths, desc="predict")):
-        image = read_image(path)
-        det = detector(image, threshold=args.threshold)
-        boxes = det["boxes"].tolist()
-        labels = [int(x) for x in det["labels"]]
-        scores = [round(float(s), 5) for s in det["scores"]]
+    roots = [Path(x) for x in args.inputs if Path(x).is_dir()]
+    records, coco, failed, unlisted = [], [], [], []
+    start = time.monotonic()
+    bar = tqdm(detector.predict_files(paths, args.threshold, args.batch_size, args.workers), total=len(paths),
+               desc="predict", unit="img")
+    for result in bar:
+        if result.error is not None:
+            failed.append(result.error)
+            tqdm.write(f"ddetr predict: skipped: {result.error}", file=sys.stderr)
+            continue
+        det, image, path = result.detections, result.image, result.path
         records.append({"file": str(path), "width": image.width, "height": image.height, "detections": [
-            {"box_xyxy": [round(v, 2) for v in b], "score": s, "label": lab,
-             **({"name": names[lab]} if names else {})} for b, s, lab in zip(boxes, scores, labels)]})
-        cat_ids = detector.category_ids
-        coco += [{"image_id": index, "file_name": path.name, "category_id": cat_ids[lab] if cat_ids else lab,
-                  "bbox": [round(b[0], 2), round(b[1], 2), round(b[2] - b[0], 2), round(b[3] - b[1], 2)],
-                  "score": s} for b, s, lab in zip(boxes, scores, labels)]
+            {"box_xyxy": [round(v, 2) for v in box], "score": round(float(score), 5), "category_id": int(cat),
+             "name": name} for box, score, cat, name in
+            zip(det["boxes"].tolist(), det["scores"], det["category_ids"], det["names"])]})
+        image_id = None
+        if ids is not None:
+            image_id = _lookup_id(path, ids, roots)
+            if image_id is None:
+                unlisted.append(path.name)
+                continue
+        coco += coco_records(det, image_id, path.name, detector.category_ids)
         if not args.no_draw:
             from ddetr.viz.draw import draw_detections
 
-            draw_detections(image, det, names).save(out / f"{path.stem}_pred.png")
+            draw_detections(image, det).save(out / f"{path.stem}_pred.png")
+    seconds = time.monotonic() - start
     (out / "results.json").write_text(json.dumps(records, indent=1))
     (out / "coco_results.json").write_text(json.dumps(coco))
     total = sum(len(r["detections"]) for r in records)
-    print(f"{total} detections in {len(records)} images -> {out}")
+    print(f"{total} detections in {len(records)} images ({len(records) / max(seconds, 1e-9):.1f} images/s) -> {out}")
+    if unlisted:
+        print(f"ddetr predict: warning: {len(unlisted)} images are not in {args.annotations} and are left out of "
+              f"coco_results.json: {', '.join(unlisted[:10])}", file=sys.stderr)
+    if failed:
+        print(f"ddetr predict: error: {len(failed)} of {len(paths)} images could not be read (named above); the "
+              "others' results are written", file=sys.stderr)
+        return 1
     return 0

@@ -57,7 +57,7 @@ def _wrapper(model: Any, postprocess: bool, top_k: int) -> Any:
 @contextmanager
 def _reference_attention(model: Any):
     """Force the pure-PyTorch deformable attention (the only one ONNX can express) and eval mode, then restore."""
-    from ddetr.models.ms_deform_attn import MSDeformAttn
+    from ddetr.models.deform_attn import MSDeformAttn
 
     modules = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
     saved = [m.backend for m in modules]
@@ -74,13 +74,16 @@ def _reference_attention(model: Any):
 
 
 def export_onnx(model: Any, path: str | Path, opset: int = 17, dynamic: bool = True, postprocess: bool = False,
-                top_k: int = 100, sample_size: tuple[int, int] = (320, 416), class_names: list[str] | None = None,
+                top_k: int = 100, sample_size: tuple[int, int] = (320, 416), meta: dict[str, Any] | None = None,
                 ) -> Path:
     """Export a DeformableDETR to ONNX (see the module docstring for inputs and outputs); returns the path.
 
     ``sample_size`` (h, w) is the traced example. With ``dynamic`` the batch and image size are free; two-stage
-    models need images that give at least ``num_queries`` encoder tokens (true for any real image size).
+    models need images that give at least ``num_queries`` encoder tokens (true for any real image size). ``meta``
+    (`ddetr.interop.meta.label_meta` keys: class names, category ids, inference size) is stored in the file.
     """
+    from ddetr.interop.meta import label_meta
+
     import onnx
     import torch
 
@@ -109,8 +112,10 @@ def export_onnx(model: Any, path: str | Path, opset: int = 17, dynamic: bool = T
                           opset_version=opset, input_names=inputs, output_names=outputs, dynamic_axes=axes)
     proto = onnx.load(str(path))
     cfg = getattr(model, "cfg", None)
-    info = {"ddetr_postprocess": json.dumps(postprocess), "ddetr_class_names": json.dumps(class_names),
-            "ddetr_config": json.dumps(dataclasses.asdict(cfg) if cfg is not None else None)}
+    meta = meta or label_meta(cfg.num_classes if cfg is not None else model(images, masks)["pred_logits"].shape[-1])
+    info = {"ddetr_postprocess": json.dumps(postprocess), "ddetr_top_k": json.dumps(top_k),
+            "ddetr_config": json.dumps(dataclasses.asdict(cfg) if cfg is not None else None),
+            **{f"ddetr_{k}": json.dumps(meta[k]) for k in ("class_names", "category_ids", "val_size", "max_size")}}
     for key, value in info.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)
@@ -132,8 +137,11 @@ class OnnxDetector:
         self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
         self.postprocess = json.loads(meta.get("ddetr_postprocess", "false"))
-        self.class_names: list[str] | None = json.loads(meta.get("ddetr_class_names", "null"))
         self.config: dict[str, Any] | None = json.loads(meta.get("ddetr_config", "null"))
+        self.top_k: int = json.loads(meta.get("ddetr_top_k", "100"))
+        # Labels and inference size as `ddetr.interop.meta.label_meta` gives them (None in files from before 0.2).
+        self.meta = {k: json.loads(meta.get(f"ddetr_{k}", "null")) for k in
+                     ("class_names", "category_ids", "val_size", "max_size")}
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, images: Any, masks: Any = None, target_sizes: Any = None) -> dict[str, Any]:

@@ -220,27 +220,61 @@ def ours_to_hf_config(cfg: ModelConfig, id2label: dict[int, str] | None = None, 
 
 
 def read_hf_dir(path: str | Path) -> tuple[dict[str, Any], Tensors]:
-    """(config.json dict, raw state dict) of an HF folder: model.safetensors (or shards) or pytorch_model.bin."""
-    from safetensors.torch import load_file
+    """(config.json dict, raw state dict) of an HF folder: model.safetensors (or shards) or pytorch_model.bin, read
+    safely (`ddetr.engine.checkpoint`); anything unreadable is one ValueError naming the file."""
+    from ddetr.engine.checkpoint import load_safetensors, load_torch
 
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{path}: not a Hugging Face model folder (no config.json)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_file}: invalid JSON ({exc})") from None
+    config = _read_json(config_file)
     index = path / "model.safetensors.index.json"
     if (path / "model.safetensors").is_file():
-        state = load_file(path / "model.safetensors")
+        state = load_safetensors(path / "model.safetensors")
     elif index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: no 'weight_map' of tensor names to shard files")
         state = {}
-        for shard in shards:
-            state.update(load_file(path / shard))
+        for shard in sorted(set(weight_map.values())):
+            state.update(load_safetensors(path / shard))
     elif (path / "pytorch_model.bin").is_file():
-        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        state = load_torch(path / "pytorch_model.bin")
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise ValueError(f"{path / 'pytorch_model.bin'}: not a state dict of tensors")
     else:
         raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin next to config.json")
     return config, state
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def preprocessor_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """preprocessor_config.json for transformers' DeformableDetrImageProcessor: resize as ddetr runs the model."""
+    return {"image_processor_type": "DeformableDetrImageProcessor", "format": "coco_detection",
+            "do_resize": True, "size": {"shortest_edge": meta["val_size"], "longest_edge": meta["max_size"]},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "do_pad": True}
+
+
+def inference_size(folder: Path, config: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(shorter, longer) side: ddetr's keys in config.json, else preprocessor_config.json's size, else unknown."""
+    if config.get("ddetr_val_size"):
+        return config["ddetr_val_size"], config.get("ddetr_max_size")
+    pre = folder / "preprocessor_config.json"
+    try:
+        size = json.loads(pre.read_text()).get("size") or {} if pre.is_file() else {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        size = {}
+    if not isinstance(size, dict):
+        return None, None
+    return size.get("shortest_edge"), size.get("longest_edge")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ddetr.interop import hf, official
+from ddetr.interop.meta import label_meta, read_sidecar, write_sidecar
 from ddetr.models.config import DetectorConfig, ModelConfig
 from ddetr.models.deformable_detr import DeformableDETR
 
@@ -28,13 +29,14 @@ _HEAD = re.compile(r"^(class_embed|bbox_embed)\.(\d+)\.(.+)$")
 
 
 def _torch_load(path: Path) -> Any:
-    """torch.load with weights_only; argparse.Namespace (official checkpoints store their args) is allowed."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure is reported on one line
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise ValueError(f"{path}: cannot load safely ({exc.__class__.__name__}: {first})") from None
+    """torch.load with weights_only (`ddetr.engine.checkpoint.load_torch`: one-line errors, no unsafe advice);
+    argparse.Namespace (official checkpoints store their args) is allowed; a dict that says it is ours is checked."""
+    from ddetr.engine.checkpoint import check_ddetr_layout, load_torch
+
+    ckpt = load_torch(path, allowed=(argparse.Namespace,))
+    if isinstance(ckpt, dict):
+        check_ddetr_layout(ckpt, path)
+    return ckpt
 
 
 def _fill_tied_heads(state: Tensors, cfg: ModelConfig) -> list[str]:
@@ -60,76 +62,94 @@ def read_checkpoint(path: str | Path, dilation: bool | None = None, nheads: int 
                     num_queries: int | None = None) -> tuple[Tensors, DetectorConfig, dict[str, Any]]:
     """(state dict in our key names, DetectorConfig, meta) of any supported checkpoint, without building a model.
 
-    ``dilation``, ``nheads`` and ``num_queries`` are hints for official checkpoints, whose keys cannot show DC5
-    dilation, the head count or the two-stage proposal count (defaults: False, 8, 300); for the other formats they
-    are checked against the stored config. ``meta`` has ``format``, ``class_names``, ``category_ids`` (None when
-    the label index is the category id, as in the COCO 91-class heads) and ``tied_heads`` (indices HF omitted).
+    ``dilation``, ``nheads`` and ``num_queries`` are hints, checked against what the checkpoint says; official files
+    need them only when they carry no ``args`` (see `official.config_from_args`). ``meta`` has ``format``,
+    ``tied_heads`` (indices HF omitted) and the label/size keys of `ddetr.interop.meta.label_meta`.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     if path.is_dir() or path.suffix == ".safetensors" and not _is_ddetr_safetensors(path):
-        folder = path if path.is_dir() else path.parent
-        config, raw = hf.read_hf_dir(folder)
-        model_cfg, names = hf.hf_config_to_ours(config)
-        state, unknown = hf.hf_to_ours(raw)
-        if unknown:
-            raise ValueError(f"{folder}: unexpected keys for Deformable DETR: {_names(unknown)}")
-        meta = {"format": "hf", "class_names": names, "category_ids": None,
-                "tied_heads": _fill_tied_heads(state, model_cfg)}
-        cfg = DetectorConfig(model=model_cfg)
-    elif path.suffix == ".safetensors":
+        return _read_hf(path if path.is_dir() else path.parent, dilation, nheads, num_queries)
+    if path.suffix == ".safetensors":
         state, cfg, meta = _read_ddetr_safetensors(path)
     else:
         ckpt = _torch_load(path)
         if not isinstance(ckpt, dict):
             raise ValueError(f"{path}: expected a checkpoint dictionary, got {type(ckpt).__name__}")
-        if ckpt.get("format") == FORMAT:
-            state, cfg, meta = _read_ddetr(ckpt, path)
-        else:
-            raw = ckpt.get("model", ckpt)
-            if not isinstance(raw, dict) or not official.is_official(raw):
-                raise ValueError(f"{path}: neither a ddetr checkpoint nor an official Deformable DETR one "
-                                 "(no 'format': 'ddetr' and no 'backbone.0.body.*' keys)")
-            refine = any(k.startswith("transformer.decoder.bbox_embed.") for k in raw)
-            state = official.official_to_ours(raw)
-            model_cfg = official.infer_config(state, refine, bool(dilation), nheads or 8, num_queries)
-            classes = model_cfg.num_classes
-            meta = {"format": "official", "category_ids": None, "tied_heads": [],
-                    "class_names": official.coco_class_names() if classes == 91 else None}
-            return state, DetectorConfig(model=model_cfg), meta
-    for field, value in (("dilation", dilation), ("nheads", nheads), ("num_queries", num_queries)):
-        _check_hint(cfg.model, field, value, str(path))
+        if ckpt.get("format") != FORMAT:
+            return _read_official(ckpt, path, dilation, nheads, num_queries)
+        state, cfg, meta = _read_ddetr(ckpt, path)
+    _check_hints(cfg.model, str(path), dilation=dilation, nheads=nheads, num_queries=num_queries)
     return state, cfg, meta
+
+
+def _check_hints(cfg: ModelConfig, source: str, **hints: Any) -> None:
+    for field, value in hints.items():
+        _check_hint(cfg, field, value, source)
+
+
+def _read_hf(folder: Path, dilation: bool | None, nheads: int | None, num_queries: int | None,
+             ) -> tuple[Tensors, DetectorConfig, dict[str, Any]]:
+    config, raw = hf.read_hf_dir(folder)
+    model_cfg, names = hf.hf_config_to_ours(config)
+    state, unknown = hf.hf_to_ours(raw)
+    if unknown:
+        raise ValueError(f"{folder}: unexpected keys for Deformable DETR: {_names(unknown)}")
+    _check_hints(model_cfg, str(folder), dilation=dilation, nheads=nheads, num_queries=num_queries)
+    size, max_size = hf.inference_size(folder, config)
+    meta = {"format": "hf", "tied_heads": _fill_tied_heads(state, model_cfg),
+            **label_meta(model_cfg.num_classes, names, config.get("ddetr_category_ids"), size, max_size,
+                         str(folder))}
+    return state, DetectorConfig(model=model_cfg), meta
+
+
+def _read_official(ckpt: dict[str, Any], path: Path, dilation: bool | None, nheads: int | None,
+                   num_queries: int | None) -> tuple[Tensors, DetectorConfig, dict[str, Any]]:
+    raw = ckpt.get("model", ckpt)
+    if not isinstance(raw, dict) or not official.is_official(raw):
+        raise ValueError(f"{path}: neither a ddetr checkpoint nor an official Deformable DETR one "
+                         "(no 'format': 'ddetr' and no 'backbone.0.body.*' keys)")
+    refine = any(k.startswith("transformer.decoder.bbox_embed.") for k in raw)
+    state = official.official_to_ours(raw)
+    model_cfg = official.read_config(state, refine, ckpt.get("args"), str(path), dilation=dilation, nheads=nheads,
+                                     num_queries=num_queries)
+    side = read_sidecar(path)
+    meta = {"format": "official", "tied_heads": [],
+            **label_meta(model_cfg.num_classes, side.get("class_names"), side.get("category_ids"),
+                         side.get("val_size"), side.get("max_size"), str(path))}
+    return state, DetectorConfig(model=model_cfg), meta
 
 
 def _read_ddetr(ckpt: dict[str, Any], path: Path) -> tuple[Tensors, DetectorConfig, dict[str, Any]]:
     if ckpt.get("version") != VERSION:
         raise ValueError(f"{path}: ddetr checkpoint version {ckpt.get('version')!r} is not supported ({VERSION})")
     cfg = DetectorConfig.from_dict(ckpt["config"])
-    meta = {"format": "ddetr", "class_names": ckpt.get("class_names"), "category_ids": ckpt.get("category_ids"),
-            "tied_heads": []}
     data = (ckpt.get("train_config") or {}).get("data") or {}
-    meta.update({k: data[k] for k in ("val_size", "max_size") if k in data})
+    size, max_size = ckpt.get("val_size") or data.get("val_size"), ckpt.get("max_size") or data.get("max_size")
+    meta = {"format": "ddetr", "tied_heads": [],
+            **label_meta(cfg.model.num_classes, ckpt.get("class_names"), ckpt.get("category_ids"), size, max_size,
+                         str(path))}
     return dict(ckpt["model"]), cfg, meta
 
 
 def _is_ddetr_safetensors(path: Path) -> bool:
-    from safetensors import safe_open
+    from ddetr.engine.checkpoint import safetensors_metadata
 
-    with safe_open(path, "pt") as f:
-        return (f.metadata() or {}).get("format") == FORMAT
+    return safetensors_metadata(path).get("format") == FORMAT
 
 
 def _read_ddetr_safetensors(path: Path) -> tuple[Tensors, DetectorConfig, dict[str, Any]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from ddetr.engine.checkpoint import check_ddetr_layout, load_safetensors, safetensors_metadata
 
-    with safe_open(path, "pt") as f:
-        info = f.metadata()
-    ckpt = {"format": FORMAT, "version": int(info.get("version", 0)), "config": json.loads(info["config"]),
-            "model": load_file(path), "class_names": json.loads(info.get("class_names", "null")),
-            "category_ids": json.loads(info.get("category_ids", "null"))}
+    info = safetensors_metadata(path)
+    try:
+        ckpt = {"format": FORMAT, "version": int(info.get("version", 0)), "config": json.loads(info["config"]),
+                **{k: json.loads(info.get(k, "null")) for k in ("class_names", "category_ids", "val_size", "max_size")}}
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: damaged ddetr metadata in the safetensors header ({exc!r})") from None
+    ckpt["model"] = load_safetensors(path)
+    check_ddetr_layout(ckpt, path)
     return _read_ddetr(ckpt, path)
 
 
@@ -180,7 +200,6 @@ def load_model(path: str | Path, num_classes: int | None = None, device: str | t
     if num_classes is not None and num_classes != cfg.model.num_classes:
         raise ValueError(f"{path}: has {cfg.model.num_classes} classes, not {num_classes} (fine-tune with "
                          "ddetr.interop.finetune.load_pretrained to change the class head)")
-    cfg.model.pretrained_backbone = None
     model = DeformableDETR(cfg.model)
     load_state_strict(model, state, str(path))
     return model.to(device).eval(), cfg, meta
@@ -191,33 +210,44 @@ def _model_config(cfg: DetectorConfig | ModelConfig) -> ModelConfig:
 
 
 def save_hf(model: DeformableDETR, cfg: DetectorConfig | ModelConfig, out_dir: str | Path,
-            id2label: dict[int, str] | None = None) -> None:
+            meta: dict[str, Any] | None = None) -> None:
     """Write config.json + model.safetensors that transformers' DeformableDetrForObjectDetection.from_pretrained
-    loads with no missing or unexpected keys (v4 key names, as the hub checkpoints and v5's save_pretrained)."""
+    loads with no missing or unexpected keys (v4 key names, as the hub checkpoints and v5's save_pretrained), and a
+    preprocessor_config.json with the inference size. ``meta`` (`label_meta` keys) goes into ``id2label`` and
+    ddetr's own keys of config.json."""
     from safetensors.torch import save_file
 
     mcfg = _model_config(cfg)
+    meta = meta or label_meta(mcfg.num_classes)
     aux = cfg.loss.aux_loss if isinstance(cfg, DetectorConfig) else True
-    config = hf.ours_to_hf_config(mcfg, id2label, aux)
+    config = hf.ours_to_hf_config(mcfg, dict(enumerate(meta["class_names"])), aux)
+    config.update(ddetr_category_ids=meta["category_ids"], ddetr_val_size=meta["val_size"],
+                  ddetr_max_size=meta["max_size"])
     state = hf.ours_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, mcfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "preprocessor_config.json").write_text(json.dumps(hf.preprocessor_config(meta), indent=2) + "\n")
     save_file({k: v.clone() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
 
 
-def save_official(model: DeformableDETR, cfg: DetectorConfig | ModelConfig, path: str | Path) -> None:
-    """Write ``{"model": state_dict}`` with official key names (the official main.py --resume reads it)."""
-    state = official.ours_to_official({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                                      _model_config(cfg))
+def save_official(model: DeformableDETR, cfg: DetectorConfig | ModelConfig, path: str | Path,
+                  meta: dict[str, Any] | None = None) -> None:
+    """Write ``{"model": state_dict, "args": Namespace}`` as the official main.py does (its args tell the variant),
+    and the labels/size the official format cannot hold in ``X.json`` next to it."""
+    mcfg = _model_config(cfg)
+    state = official.ours_to_official({k: v.detach().cpu() for k, v in model.state_dict().items()}, mcfg)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": state}, path)
+    torch.save({"model": state, "args": official.config_to_args(mcfg)}, path)
+    write_sidecar(path, meta or label_meta(mcfg.num_classes))
 
 
 def save_ddetr(model: DeformableDETR, cfg: DetectorConfig | ModelConfig, path: str | Path,
-               class_names: list[str] | None = None, category_ids: list[int] | None = None) -> None:
+               class_names: list[str] | None = None, category_ids: list[int] | None = None,
+               val_size: int | None = None, max_size: int | None = None) -> None:
     """Write our weights-only checkpoint: a torch dict (.pth) or safetensors with the config in its metadata."""
     cfg = cfg if isinstance(cfg, DetectorConfig) else DetectorConfig(model=cfg)
+    meta = label_meta(cfg.model.num_classes, class_names, category_ids, val_size, max_size, str(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -226,8 +256,7 @@ def save_ddetr(model: DeformableDETR, cfg: DetectorConfig | ModelConfig, path: s
 
         # Shared per-layer heads are one tensor in memory; safetensors wants each stored separately.
         info = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(cfg.to_dict()),
-                "class_names": json.dumps(class_names), "category_ids": json.dumps(category_ids)}
+                **{k: json.dumps(v) for k, v in meta.items()}}
         save_file({k: v.clone() for k, v in state.items()}, path, metadata=info)
         return
-    torch.save({"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "model": state,
-                "class_names": class_names, "category_ids": category_ids}, path)
+    torch.save({"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "model": state, **meta}, path)

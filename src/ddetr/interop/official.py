@@ -7,7 +7,9 @@ two-stage ``transformer.decoder.class_embed.i`` as ``class_embed.i``), so the st
 
 from __future__ import annotations
 
+import argparse
 import re
+from typing import Any
 
 import torch
 
@@ -141,3 +143,46 @@ def infer_config(state: Tensors, refine: bool | None = None, dilation: bool = Fa
         enc_layers=_count(state, "transformer.encoder.layers."), dec_layers=dec_layers,
         dim_feedforward=state["transformer.encoder.layers.0.linear1.weight"].shape[0], num_queries=queries,
         enc_n_points=points("encoder"), dec_n_points=points("decoder"), with_box_refine=refine, two_stage=two_stage)
+
+
+# The official main.py's argparse fields that shape the network -> our ModelConfig fields.
+_ARGS = {"dilation": "dilation", "with_box_refine": "with_box_refine", "two_stage": "two_stage",
+         "num_feature_levels": "num_feature_levels", "nheads": "nheads", "num_queries": "num_queries",
+         "dec_n_points": "dec_n_points", "enc_n_points": "enc_n_points", "hidden_dim": "hidden_dim",
+         "dim_feedforward": "dim_feedforward", "enc_layers": "enc_layers", "dec_layers": "dec_layers",
+         "backbone": "backbone"}
+
+
+def read_config(state: Tensors, refine: bool, args: Any, source: str, dilation: bool | None = None,
+                nheads: int | None = None, num_queries: int | None = None) -> ModelConfig:
+    """ModelConfig of an official checkpoint from its ``args`` (the run's argparse Namespace) and its keys.
+
+    Where ``args`` and the keys both tell a field they must agree, and so must any hint given; without ``args`` a
+    single-scale checkpoint cannot tell DC5 from plain C5, so ``dilation`` must then be given. ``state`` is in our
+    key names; ``refine`` says whether the official file had the decoder's box-head aliases (refinement).
+    """
+    given = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    told = {ours: given[theirs] for theirs, ours in _ARGS.items() if theirs in given}
+    source_of = dict.fromkeys(told, "args")
+    for field, hint in (("dilation", dilation), ("nheads", nheads), ("num_queries", num_queries)):
+        if hint is not None and field in told and told[field] != hint:
+            raise ValueError(f"{source}: {field}={hint!r} given, but the checkpoint's args say {told[field]!r}")
+        if hint is not None:
+            told[field], source_of[field] = hint, "given"
+    keys_cfg = infer_config(state, refine, bool(told.get("dilation", False)), int(told.get("nheads", 8)),
+                            told.get("num_queries") if "transformer.enc_output.weight" in state else None)
+    checked = [f for f in told if f not in ("dilation", "nheads") and not (f == "num_queries" and keys_cfg.two_stage)]
+    disagree = [f"{f}: {source_of[f]} {told[f]!r} vs weights {getattr(keys_cfg, f)!r}" for f in checked
+                if told[f] != getattr(keys_cfg, f)]
+    if disagree:
+        raise ValueError(f"{source}: the variant disagrees with the checkpoint's weights ({'; '.join(disagree)})")
+    if "dilation" not in told and keys_cfg.num_feature_levels == 1:
+        raise ValueError(f"{source}: a single-scale official checkpoint without args cannot tell DC5 from plain C5; "
+                         "say which with dilation=True/False (CLI: --dilation / --no-dilation)")
+    return keys_cfg
+
+
+def config_to_args(cfg: ModelConfig) -> argparse.Namespace:
+    """The official main.py's args for this variant (what its configs/*.sh set), as official checkpoints carry."""
+    return argparse.Namespace(**{theirs: getattr(cfg, ours) for theirs, ours in _ARGS.items()},
+                              num_classes=cfg.num_classes, position_embedding="sine", masks=False, aux_loss=True)

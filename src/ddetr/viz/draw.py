@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ddetr.data.images import to_rgb
 from ddetr.inference import to_uint8_tensor
 
 Color = tuple[int, int, int]
@@ -31,7 +32,7 @@ def text_color(background: Color) -> Color:
 def to_pil(image: Any) -> Image.Image:
     """PIL image (copied, as RGB), 3xHxW uint8/float tensor or HxWx3 array -> a new RGB PIL image."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     return Image.fromarray(to_uint8_tensor(image).permute(1, 2, 0).cpu().numpy())
 
 
