@@ -51,7 +51,7 @@ from transformers.loss.loss_deformable_detr import DeformableDetrHungarianMatche
 
 from ddetr.interop import save_hf
 from ddetr.interop.hf import hf_to_ours
-from ddetr.models.build import build_criterion
+from ddetr.models.builder import build_criterion
 from ddetr.models.config import DetectorConfig, LossConfig, preset
 from ddetr.models.deformable_detr import DeformableDETR
 

@@ -14,9 +14,7 @@ __all__ = ["build", "build_criterion", "DeformableDETR", "DetectorConfig", "Loss
 def __getattr__(name: str) -> Any:
     """`ddetr.models.config` (presets, configs) stays importable without torch, e.g. for `ddetr --help`."""
     if name in ("build", "build_criterion"):
-        module = importlib.import_module("ddetr.models.build")
-        globals().update(build=module.build, build_criterion=module.build_criterion)  # the import set build=module
-        return globals()[name]
+        return getattr(importlib.import_module("ddetr.models.builder"), name)
     if name == "DeformableDETR":
         from ddetr.models.deformable_detr import DeformableDETR
 
