@@ -13,6 +13,7 @@ from ddetr.cli.export import add_args as add_export_args
 from ddetr.cli.export import run as run_export
 from ddetr.export import OnnxDetector, export_onnx
 from ddetr.interop import save_ddetr
+from ddetr.interop.meta import label_meta
 from ddetr.models import DeformableDETR, preset
 from ddetr.models.postprocess import PostProcess
 
@@ -44,12 +45,15 @@ def inputs(batch: int, h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, tor
 @pytest.mark.parametrize("variant", ["deformable-detr", "deformable-detr-two-stage"])
 def test_onnxruntime_matches_pytorch_at_other_sizes(variant, tmp_path):
     model = small_model(variant)
-    path = export_onnx(model, tmp_path / "model.onnx", sample_size=(128, 160), class_names=list("abcde"))
+    path = export_onnx(model, tmp_path / "model.onnx", sample_size=(128, 160),
+                       meta=label_meta(5, list("abcde"), [2, 4, 6, 8, 10], 320, 400))
     graph = onnx.load(str(path))
     assert "GridSample" in {n.op_type for n in graph.graph.node}
     assert graph.opset_import[0].version == 17
     det = OnnxDetector(path)
-    assert det.class_names == list("abcde") and det.config["two_stage"] == model.cfg.two_stage
+    assert det.meta == {"class_names": list("abcde"), "category_ids": [2, 4, 6, 8, 10], "val_size": 320,
+                        "max_size": 400}
+    assert det.config["two_stage"] == model.cfg.two_stage
     for batch, h, w in [(1, 96, 128), (2, 150, 110)]:  # neither the traced batch nor the traced size
         x, mask = inputs(batch, h, w)
         with torch.no_grad():
@@ -75,7 +79,7 @@ def test_export_cli_with_postprocessing(tmp_path, capsys):
     diff = float(capsys.readouterr().out.rsplit("max abs diff", 1)[1])
     assert diff <= 1e-3  # boxes are in pixels here
     det = OnnxDetector(out)
-    assert det.postprocess and det.class_names == list("vwxyz")
+    assert det.postprocess and det.meta["class_names"] == list("vwxyz")
     x, mask = inputs(2, 112, 144, seed=3)
     sizes = torch.tensor([[480, 640], [300, 400]])
     got = det(x, mask, sizes)

@@ -10,6 +10,7 @@ import torch
 
 from ddetr.interop import save_ddetr, save_hf, save_official
 from ddetr.interop.finetune import load_pretrained
+from ddetr.interop.meta import label_meta
 from ddetr.models import DeformableDETR, preset
 
 SMALL = dict(backbone="resnet18", hidden_dim=64, enc_layers=1, dec_layers=2, dim_feedforward=96, num_queries=8)
@@ -83,7 +84,7 @@ def test_official_coco_checkpoint_matches_coco_names(tmp_path):
 
 def test_hf_checkpoint_names_from_id2label(tmp_path):
     src = model(num_classes=4, seed=1)
-    save_hf(src, src.cfg, tmp_path / "hf", id2label={0: "N/A", 1: "person", 2: "bicycle", 3: "car"})
+    save_hf(src, src.cfg, tmp_path / "hf", label_meta(4, ["N/A", "person", "bicycle", "car"]))
     dst = model(num_classes=1, seed=2)
     report = load_pretrained(dst, tmp_path / "hf", class_names=["bicycle"], match_names=True)
     assert report.source_format == "hf" and report.matched == {"bicycle": 2}

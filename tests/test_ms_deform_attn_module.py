@@ -1,4 +1,5 @@
-"""The MSDeformAttn module: official init, reference rules, padding mask, parity with independent code."""
+"""The MSDeformAttn module: official init, reference rules, padding mask, recording, parity with independent code;
+and the dense-attention baseline module behind the same call signature."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 from torch import nn
 from torchvision.ops import deform_conv2d
 
-from ddetr.models.ms_deform_attn import MSDeformAttn, initial_offset_bias
+from ddetr.models.deform_attn import AttentionSample, MSDeformAttn, initial_offset_bias, recording
+from ddetr.models.dense_attn import DenseAttention
 from ddetr.ops import ms_deform_attn
 
 # The official init (official-reference.md §3.3): head h points along one of 8 compass directions, point k at
@@ -53,6 +55,13 @@ def randomise(module: nn.Module, seed: int = 1) -> nn.Module:
     return module
 
 
+def sampled(attn: nn.Module, *args, **kwargs) -> tuple[torch.Tensor, AttentionSample]:
+    """Call the module inside `recording`: its output and what it sampled."""
+    with recording(attn) as records:
+        out = attn(*args, **kwargs)
+    return out, records[""]
+
+
 def test_initial_offset_bias_is_the_official_pattern():
     attn = MSDeformAttn(d_model=64, n_levels=3, n_heads=8, n_points=4)
     expected = expected_offset_bias(3, 4)
@@ -66,7 +75,7 @@ def test_initial_locations_and_uniform_attention():
     """At init, location = ref + bias / (W_l, H_l) for any query, and attention is uniform 1 / (L * P)."""
     attn = MSDeformAttn(d_model=64, n_levels=3, n_heads=8, n_points=4)
     query, ref, value, _ = make_batch(64)
-    out, sample = attn(query, ref, value, SHAPES, return_sample=True)
+    out, sample = sampled(attn, query, ref, value, SHAPES)
     bias = expected_offset_bias(3, 4)  # (M, L, P, 2) pixels
     expected = ref[:, :, None, :, None, :] + bias[None, None] / WH[None, None, None, :, None]
     torch.testing.assert_close(sample.sampling_locations, expected)
@@ -89,7 +98,7 @@ def test_box_references_scale_offsets_by_half_the_box_over_points():
     """4-d references: location = ref_xy + offset / P * ref_wh * 0.5 (offsets from the query's linear)."""
     attn = randomise(MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=3))
     query, ref, value, _ = make_batch(32, ref_dims=4)
-    _, sample = attn(query, ref, value, SHAPES, return_sample=True)
+    _, sample = sampled(attn, query, ref, value, SHAPES)
     offsets = (query @ attn.sampling_offsets.weight.T + attn.sampling_offsets.bias).view(2, 5, 4, 3, 3, 2)
     expected = ref[:, :, None, :, None, :2] + offsets / 3 * ref[:, :, None, :, None, 2:] * 0.5
     torch.testing.assert_close(sample.sampling_locations, expected.detach())
@@ -107,11 +116,15 @@ def test_padding_mask_hides_padded_values():
         assert not torch.allclose(attn(query, ref, changed, SHAPES), attn(query, ref, value, SHAPES))
 
 
-def test_return_sample_shapes():
+def test_recording_shapes_and_restore():
+    """Inside `recording` a call is kept (detached) with its references and shapes; outside nothing is."""
     attn = MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=3)
     query, ref, value, _ = make_batch(32, n=3, lq=7)
-    out, sample = attn(query, ref, value, SHAPES, return_sample=True)
+    out, sample = sampled(attn, query, ref, value, SHAPES)
+    assert attn.recorder is None
+    assert torch.equal(out, attn(query, ref, value, SHAPES))
     assert out.shape == (3, 7, 32)
+    assert torch.equal(sample.reference_points, ref) and sample.spatial_shapes == SHAPES
     assert sample.sampling_locations.shape == (3, 7, 4, 3, 3, 2)
     assert sample.attention_weights.shape == (3, 7, 4, 3, 3)
     torch.testing.assert_close(sample.attention_weights.sum((-1, -2)), torch.ones(3, 7, 4))
@@ -143,9 +156,7 @@ def test_module_equals_composition_of_projections_and_op(device, backend, ref_di
     with torch.no_grad():
         expected = hand_written_msda(attn, query, ref, value, mask)
         attn.backend = backend
-        starts = torch.tensor([0, 48, 60], device=device)
-        out = attn.to(device)(query.to(device), ref.to(device), value.to(device), SHAPES, starts,
-                              mask.to(device))
+        out = attn.to(device)(query.to(device), ref.to(device), value.to(device), SHAPES, mask.to(device))
     torch.testing.assert_close(out.cpu(), expected, atol=1e-10, rtol=0)
 
 
@@ -168,8 +179,8 @@ def test_module_matches_hugging_face(device, backend, ref_dims):
         expected, hf_weights = hf(query, attention_mask=~mask, encoder_hidden_states=value,
                                   reference_points=ref, spatial_shapes=shapes_t, spatial_shapes_list=SHAPES,
                                   level_start_index=starts)
-        out, sample = ours.to(device)(query.to(device), ref.to(device), value.to(device), SHAPES,
-                                      starts.to(device), mask.to(device), return_sample=True)
+        out, sample = sampled(ours.to(device), query.to(device), ref.to(device), value.to(device), SHAPES,
+                              mask.to(device))
     torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(sample.attention_weights.cpu(), hf_weights, atol=1e-6, rtol=0)
 
@@ -206,3 +217,28 @@ def test_bad_module_inputs_raise():
         attn(query, ref[:, :, :2], value[:, :60], SHAPES[:2])
     with pytest.raises(ValueError, match="2 or 4 coordinates"):
         attn(query, torch.rand(2, 5, 3, 3), value, SHAPES)
+
+
+def test_dense_attention_is_standard_attention_with_positional_keys():
+    """DenseAttention = softmax((q Wq)(k Wk)^T / sqrt(d)) (v Wv) per head, then Wo, with k = value + value_pos;
+    padded values get no weight; reference points and shapes play no part. Written out by hand."""
+    n, lq, c, m = 2, 5, 32, 4
+    attn = randomise(DenseAttention(c, m, dropout=0.0)).double().eval()
+    query, ref, value, mask = make_batch(c, n=n, lq=lq, dtype=torch.float64)
+    pos = torch.randn(value.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.no_grad():
+        out = attn(query, ref, value, SHAPES, mask, value_pos=pos)
+        assert torch.equal(out, attn(query, ref.flip(1), value, SHAPES[::-1], mask, value_pos=pos))
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+        d = c // m
+
+        def heads(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return (x @ w.T + b).view(n, -1, m, d).transpose(1, 2)
+
+        q, k, v = heads(query, w_q, b_q), heads(value + pos, w_k, b_k), heads(value, w_v, b_v)
+        logits = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(mask[:, None, None], float("-inf"))
+        expected = (logits.softmax(-1) @ v).transpose(1, 2).reshape(n, lq, c)
+        expected = expected @ attn.out_proj.weight.T + attn.out_proj.bias
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
+    assert isinstance(attn, nn.MultiheadAttention) and "in_proj_weight" in attn.state_dict()

@@ -1,10 +1,12 @@
 """PostProcess against a hand computation and against HF DeformableDetrImageProcessor.post_process_object_detection."""
 
 import inspect
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from ddetr.models.postprocess import PostProcess
 
@@ -76,6 +78,37 @@ def test_matches_hugging_face():
         hf = processor.post_process_object_detection(
             hf_outputs, threshold=-1.0 if threshold is None else threshold, target_sizes=sizes, top_k=top_k)
         _assert_same(PostProcess(top_k=top_k)(outputs, sizes, threshold=threshold), hf)
+
+
+def test_topk_core_is_batched_and_traceable():
+    """The tensor core traced (as the ONNX export does) at batch 2 gives the eager results at batch 3, which are the
+    per-image API's; ``queries`` names the query whose score and box each detection carries."""
+    post = PostProcess(top_k=10)
+
+    class Core(nn.Module):
+        def forward(self, logits, boxes, sizes):
+            return post.topk(logits, boxes, sizes)
+
+    small = _outputs(batch=2, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace: what torch.onnx.export(dynamo=False) uses
+        traced = torch.jit.trace(Core(), (small["pred_logits"], small["pred_boxes"], torch.tensor([[10, 20]] * 2)))
+    outputs = _outputs(batch=3, seed=4)
+    sizes = torch.tensor([[480, 640], [300, 200], [50, 70]])
+    scores, labels, boxes, queries = post.topk(outputs["pred_logits"], outputs["pred_boxes"], sizes)
+    traced_out = traced(outputs["pred_logits"], outputs["pred_boxes"], sizes)
+    assert all(torch.equal(got, want) for got, want in zip(traced_out, (scores, labels, boxes, queries)))
+    assert scores.shape == labels.shape == queries.shape == (3, 10) and boxes.shape == (3, 10, 4)
+    for i, image in enumerate(post(outputs, sizes)):
+        assert torch.equal(image["scores"], scores[i]) and torch.equal(image["labels"], labels[i])
+        assert torch.equal(image["boxes"], boxes[i])
+        torch.testing.assert_close(scores[i], outputs["pred_logits"][i, queries[i], labels[i]].sigmoid())
+        cx, cy, w, h = outputs["pred_boxes"][i, queries[i]].unbind(-1)
+        img_h, img_w = sizes[i].tolist()
+        expected = torch.stack([(cx - w / 2) * img_w, (cy - h / 2) * img_h, (cx + w / 2) * img_w,
+                                (cy + h / 2) * img_h], -1)
+        torch.testing.assert_close(boxes[i], expected)
 
 
 def test_bad_sizes_raise():

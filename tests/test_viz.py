@@ -135,20 +135,22 @@ def test_record_attention_shapes_and_recording_off(recorded):
         assert rec.spatial_shapes == shapes
         torch.testing.assert_close(rec.attention_weights.sum((-1, -2)), torch.ones(1, lq, m))
     assert outputs["pred_logits"].shape == (1, CFG.num_queries, CFG.num_classes)
-    assert all(not mod.record and mod.recorded is None for _, mod in model.attention_modules())
-    assert all(not mod._forward_hooks for _, mod in model.attention_modules())
+    assert all(mod.recorder is None for _, mod in model.attention_modules())
+    before = dict(records)
+    with torch.no_grad():
+        model(torch.randn(1, 3, *INPUT_HW))  # outside the block: nothing recorded
+    assert records.keys() == before.keys() and all(records[k] is before[k] for k in before)
 
 
 def test_recording_restores_state_on_exception(recorded):
     model = recorded[0]
     first = model.attention_modules()[0][1]
-    first.record = True
+    first.recorder = outer = {}.__setitem__  # an enclosing recorder stays in place
     with pytest.raises(RuntimeError, match="boom"), recording(model):
-        assert all(mod.record for _, mod in model.attention_modules())
+        assert all(mod.recorder is not None and mod.recorder is not outer for _, mod in model.attention_modules())
         raise RuntimeError("boom")
-    assert first.record and all(not mod.record for _, mod in model.attention_modules()[1:])
-    first.record = False
-    assert all(not mod._forward_hooks and mod.recorded is None for _, mod in model.attention_modules())
+    assert first.recorder is outer and all(mod.recorder is None for _, mod in model.attention_modules()[1:])
+    first.recorder = None
     with pytest.raises(ValueError, match="no deformable attention"), recording(nn.Linear(2, 2)):
         pass
 
@@ -198,19 +200,16 @@ def test_select_layers_and_top_detections(recorded):
     with pytest.raises(ValueError, match="out of range"):
         select_layers(records, "decoder", 2)
     top = top_detections(outputs, IMAGE_HW, 4)
-    # reference: the official post-processing over all (query, class) pairs, first occurrence of each query
-    full = PostProcess(CFG.num_queries * CFG.num_classes)(outputs, torch.tensor([IMAGE_HW]))[0]
-    seen, expected = set(), []
-    flat = outputs["pred_logits"][0].sigmoid().flatten().topk(CFG.num_queries * CFG.num_classes)[1]
-    for j, idx in enumerate(flat.tolist()):
-        if idx // CFG.num_classes not in seen:
-            seen.add(idx // CFG.num_classes)
-            expected.append((idx // CFG.num_classes, j))
-    assert top["queries"].tolist() == [q for q, _ in expected[:4]]
-    rows = [j for _, j in expected[:4]]
-    torch.testing.assert_close(top["scores"], full["scores"][rows])
-    assert top["labels"].tolist() == full["labels"][rows].tolist()
-    torch.testing.assert_close(top["boxes"], full["boxes"][rows])
+    full = PostProcess(4)(outputs, torch.tensor([IMAGE_HW]))[0]  # the same detections as the post-processor
+    assert all(torch.equal(top[key], full[key]) for key in ("scores", "labels", "boxes"))
+    # each detection's query: its score is that query's score for the label, its box that query's box in pixels
+    logits, boxes = outputs["pred_logits"][0], outputs["pred_boxes"][0]
+    h, w = IMAGE_HW
+    for q, label, score, box in zip(top["queries"].tolist(), top["labels"].tolist(), top["scores"], top["boxes"]):
+        assert score.item() == pytest.approx(logits[q, label].sigmoid().item(), abs=1e-7)
+        cx, cy, bw, bh = boxes[q].tolist()
+        expected = [(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h]
+        assert box.tolist() == pytest.approx(expected, rel=1e-5)
 
 
 # ---- figures -----------------------------------------------------------------------------------------------

@@ -30,12 +30,13 @@ def _wrapper(model: Any, postprocess: bool, top_k: int) -> Any:
     import torch
     from torch import nn
 
-    from ddetr.models.box_ops import box_cxcywh_to_xyxy
+    from ddetr.models.postprocess import PostProcess
 
     class Exported(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
+            self.postprocess = PostProcess(top_k)
 
         def forward(self, images: torch.Tensor, masks: torch.Tensor, target_sizes: torch.Tensor | None = None,
                     ) -> tuple[torch.Tensor, ...]:
@@ -43,13 +44,8 @@ def _wrapper(model: Any, postprocess: bool, top_k: int) -> Any:
             logits, boxes = out["pred_logits"], out["pred_boxes"]
             if not postprocess:
                 return logits, boxes
-            num_classes = logits.shape[-1]
-            k = min(top_k, logits.shape[1] * num_classes)
-            scores, idx = logits.sigmoid().flatten(1).topk(k, dim=1)
-            query = torch.div(idx, num_classes, rounding_mode="floor")
-            xyxy = box_cxcywh_to_xyxy(boxes).gather(1, query[..., None].expand(-1, -1, 4))
-            h, w = target_sizes.to(xyxy.dtype).unbind(1)
-            return scores, idx % num_classes, xyxy * torch.stack([w, h, w, h], 1)[:, None]
+            scores, labels, xyxy, _ = self.postprocess.topk(logits, boxes, target_sizes)
+            return scores, labels, xyxy
 
     return Exported().eval()
 
@@ -82,10 +78,10 @@ def export_onnx(model: Any, path: str | Path, opset: int = 17, dynamic: bool = T
     models need images that give at least ``num_queries`` encoder tokens (true for any real image size). ``meta``
     (`ddetr.interop.meta.label_meta` keys: class names, category ids, inference size) is stored in the file.
     """
-    from ddetr.interop.meta import label_meta
-
     import onnx
     import torch
+
+    from ddetr.interop.meta import label_meta
 
     if opset < 16:
         raise ValueError(f"opset {opset} has no GridSample; use opset >= 16")

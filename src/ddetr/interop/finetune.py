@@ -83,7 +83,9 @@ def load_pretrained(model: DeformableDETR, path: str | Path, class_names: list[s
     load_state_strict(model, state, str(path))
     report.loaded = sorted(k for k in state if k not in head_keys)
     report.reinitialised = head_keys
-    source_names = meta.get("class_names")
+    source_names = meta["class_names"]
+    if source_names == [str(i) for i in meta["category_ids"]]:  # names defaulted to the ids: the file has none
+        source_names = None
     rows: dict[int, int] = {}
     if match_names:
         if class_names is None or source_names is None:

@@ -1,215 +1,50 @@
-"""Deformable encoder and decoder (post-norm, as the official code), two-stage proposals, reference points."""
+"""The deformable transformer: flatten the levels, encode, pick the queries (learned or two-stage), decode."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
-from ddetr.models.backbone import interleave_sin_cos
-from ddetr.models.ms_deform_attn import MSDeformAttn
+from ddetr.models.box_ops import apply_box_delta
+from ddetr.models.config import ModelConfig
+from ddetr.models.decoder import Decoder, DecoderLayer
+from ddetr.models.deform_attn import MSDeformAttn
+from ddetr.models.dense_attn import DenseAttention
+from ddetr.models.encoder import Encoder, EncoderLayer, Shapes
+from ddetr.models.two_stage import base_proposals, proposal_pos_embed, top_proposals
 
-Shapes = list[tuple[int, int]]
-
-
-def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """log(x / (1 - x)) with both terms clamped at eps, as the official code."""
-    x = x.clamp(min=0, max=1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
-
-
-class _FFNLayer(nn.Module):
-    """Adds the FFN (linear1 -> ReLU -> dropout -> linear2 -> dropout, residual) under the official names."""
-
-    def _init_ffn(self, d_model: int, dim_feedforward: int, dropout: float) -> None:
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.dropout_ffn1 = nn.Dropout(dropout)
-        self.dropout_ffn2 = nn.Dropout(dropout)
-
-    def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.dropout_ffn2(self.linear2(self.dropout_ffn1(torch.relu(self.linear1(x)))))
-
-
-class EncoderLayer(_FFNLayer):
-    """Multi-scale deformable self-attention over all levels' pixels, then an FFN; post-norm."""
-
-    def __init__(self, d_model: int, n_levels: int, n_heads: int, n_points: int, dim_feedforward: int,
-                 dropout: float, dense: bool = False, backend: str = "auto") -> None:
-        super().__init__()
-        self.dense = dense
-        self.self_attn = (nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True) if dense
-                          else MSDeformAttn(d_model, n_levels, n_heads, n_points, backend=backend))
-        self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self._init_ffn(d_model, dim_feedforward, dropout)
-        self.norm2 = nn.LayerNorm(d_model)
-
-    def forward(self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor, shapes: Shapes,
-                level_start_index: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
-        q = src + pos
-        if self.dense:
-            attn = self.self_attn(q, q, src, key_padding_mask=padding_mask, need_weights=False)[0]
-        else:
-            attn = self.self_attn(q, reference_points, src, shapes, level_start_index, padding_mask)
-        src = self.norm1(src + self.dropout1(attn))
-        return self.norm2(self.ffn(src))
-
-
-class DecoderLayer(_FFNLayer):
-    """Query self-attention (standard MHA), deformable cross-attention into the memory, FFN; post-norm."""
-
-    def __init__(self, d_model: int, n_levels: int, n_heads: int, n_points: int, dim_feedforward: int,
-                 dropout: float, dense: bool = False, backend: str = "auto") -> None:
-        super().__init__()
-        self.dense = dense
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.dropout2 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.cross_attn = (nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True) if dense
-                           else MSDeformAttn(d_model, n_levels, n_heads, n_points, backend=backend))
-        self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self._init_ffn(d_model, dim_feedforward, dropout)
-        self.norm3 = nn.LayerNorm(d_model)
-
-    def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor, reference_points: torch.Tensor,
-                memory: torch.Tensor, memory_pos: torch.Tensor, shapes: Shapes, level_start_index: torch.Tensor,
-                padding_mask: torch.Tensor) -> torch.Tensor:
-        q = tgt + query_pos
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, q, tgt, need_weights=False)[0]))
-        q = tgt + query_pos
-        if self.dense:
-            attn = self.cross_attn(q, memory + memory_pos, memory, key_padding_mask=padding_mask,
-                                   need_weights=False)[0]
-        else:
-            attn = self.cross_attn(q, reference_points, memory, shapes, level_start_index, padding_mask)
-        tgt = self.norm1(tgt + self.dropout1(attn))
-        return self.norm3(self.ffn(tgt))
-
-
-def valid_ratios(mask: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) padding mask -> (B, 2): fraction of valid columns and rows, as (x, y)."""
-    _, h, w = mask.shape
-    valid_h = (~mask[:, :, 0]).sum(1)
-    valid_w = (~mask[:, 0, :]).sum(1)
-    return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
-
-
-def encoder_reference_points(shapes: Shapes, ratios: torch.Tensor) -> torch.Tensor:
-    """Pixel centres of every level normalised by the valid region, expanded to all levels: (B, S, L, 2)."""
-    refs = []
-    device = ratios.device
-    for lvl, (h, w) in enumerate(shapes):
-        ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32) + 0.5,
-                                torch.arange(w, device=device, dtype=torch.float32) + 0.5, indexing="ij")
-        ry = ys.reshape(-1)[None] / (ratios[:, None, lvl, 1] * h)
-        rx = xs.reshape(-1)[None] / (ratios[:, None, lvl, 0] * w)
-        refs.append(torch.stack((rx, ry), -1))
-    return torch.cat(refs, 1)[:, :, None] * ratios[:, None]
-
-
-def encoder_proposals(memory: torch.Tensor, padding_mask: torch.Tensor, shapes: Shapes,
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two-stage: a 0.05*2^l box at every valid pixel (logit space, inf where invalid) and the masked memory."""
-    n = memory.shape[0]
-    proposals = []
-    start = 0
-    for lvl, (h, w) in enumerate(shapes):
-        m = padding_mask[:, start:start + h * w].view(n, h, w)
-        valid_h = (~m[:, :, 0]).sum(1)
-        valid_w = (~m[:, 0, :]).sum(1)
-        ys, xs = torch.meshgrid(torch.arange(h, device=memory.device, dtype=torch.float32),
-                                torch.arange(w, device=memory.device, dtype=torch.float32), indexing="ij")
-        grid = torch.stack([xs, ys], -1)[None]
-        scale = torch.stack([valid_w, valid_h], -1).view(n, 1, 1, 2).float()
-        grid = (grid + 0.5) / scale
-        wh = torch.full_like(grid, 0.05 * (2.0 ** lvl))
-        proposals.append(torch.cat((grid, wh), -1).view(n, -1, 4))
-        start = start + h * w
-    props = torch.cat(proposals, 1)
-    valid = ((props > 0.01) & (props < 0.99)).all(-1, keepdim=True)
-    props = torch.log(props / (1 - props))
-    invalid = padding_mask[..., None] | ~valid
-    props = props.masked_fill(invalid, float("inf"))
-    return memory.masked_fill(invalid, 0.0), props
-
-
-def proposal_pos_embed(boxes_unact: torch.Tensor, num_feats: int = 128, temperature: float = 10000.0,
-                       ) -> torch.Tensor:
-    """Sine embedding of sigmoid(box logits): (B, Q, 4) -> (B, Q, 4*num_feats), scale 2*pi."""
-    dim_t = torch.arange(num_feats, dtype=torch.float32, device=boxes_unact.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
-    pos = boxes_unact.sigmoid() * (2 * math.pi)
-    return interleave_sin_cos(pos[..., None] / dim_t).flatten(2)
-
-
-class Encoder(nn.Module):
-    def __init__(self, layers: list[EncoderLayer]) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, src: torch.Tensor, pos: torch.Tensor, shapes: Shapes, level_start_index: torch.Tensor,
-                ratios: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
-        reference_points = encoder_reference_points(shapes, ratios)
-        for layer in self.layers:
-            src = layer(src, pos, reference_points, shapes, level_start_index, padding_mask)
-        return src
-
-
-class Decoder(nn.Module):
-    def __init__(self, layers: list[DecoderLayer]) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor, reference_points: torch.Tensor,
-                memory: torch.Tensor, memory_pos: torch.Tensor, shapes: Shapes, level_start_index: torch.Tensor,
-                ratios: torch.Tensor, padding_mask: torch.Tensor, box_heads: nn.ModuleList | None = None,
-                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Every layer's output, the reference it used, and (with box_heads, i.e. refinement) its box delta.
-
-        With refinement the next reference is this layer's box with the gradient stopped, as in the paper.
-        """
-        hidden, references, deltas = [], [], []
-        for i, layer in enumerate(self.layers):
-            scale = torch.cat([ratios, ratios], -1) if reference_points.shape[-1] == 4 else ratios
-            tgt = layer(tgt, query_pos, reference_points[:, :, None] * scale[:, None], memory, memory_pos, shapes,
-                        level_start_index, padding_mask)
-            hidden.append(tgt)
-            references.append(reference_points)
-            if box_heads is not None:
-                delta = box_heads[i](tgt)
-                deltas.append(delta)
-                if reference_points.shape[-1] == 4:
-                    new = delta + inverse_sigmoid(reference_points)
-                else:
-                    new = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
-                reference_points = new.sigmoid().detach()
-        return hidden, references, deltas
+Queries = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # content (B, Q, C), position (B, Q, C), reference
 
 
 class DeformableTransformer(nn.Module):
-    """Level embeddings, the encoder, the decoder, and the query sources (learned table or two-stage proposals)."""
+    """Level embeddings, encoder, decoder and the query sources (post-norm layers, official names and init).
 
-    def __init__(self, d_model: int = 256, nheads: int = 8, enc_layers: int = 6, dec_layers: int = 6,
-                 dim_feedforward: int = 1024, dropout: float = 0.1, n_levels: int = 4, enc_n_points: int = 4,
-                 dec_n_points: int = 4, two_stage: bool = False, dense: bool = False, backend: str = "auto") -> None:
+    ``forward`` returns every decoder layer's output and box, and for two-stage the encoder's proposals
+    (``pred_logits``/``pred_boxes`` of every pixel); the detector owns the heads and passes them in.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.d_model, self.two_stage = d_model, two_stage
-        args = (d_model, n_levels, nheads)
-        self.encoder = Encoder([EncoderLayer(*args, enc_n_points, dim_feedforward, dropout, dense, backend)
-                                for _ in range(enc_layers)])
-        self.decoder = Decoder([DecoderLayer(*args, dec_n_points, dim_feedforward, dropout, dense, backend)
-                                for _ in range(dec_layers)])
-        self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
-        if two_stage:
-            self.enc_output = nn.Linear(d_model, d_model)
-            self.enc_output_norm = nn.LayerNorm(d_model)
-            self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
-            self.pos_trans_norm = nn.LayerNorm(d_model * 2)
+        d = cfg.hidden_dim
+        self.d_model, self.two_stage, self.num_queries = d, cfg.two_stage, cfg.num_queries
+
+        def attention(n_points: int) -> nn.Module:
+            if cfg.dense_attention:
+                return DenseAttention(d, cfg.nheads, cfg.dropout)
+            return MSDeformAttn(d, cfg.num_feature_levels, cfg.nheads, n_points, cfg.attention_backend)
+
+        self.encoder = Encoder([EncoderLayer(lambda: attention(cfg.enc_n_points), d, cfg.dim_feedforward,
+                                             cfg.dropout) for _ in range(cfg.enc_layers)])
+        self.decoder = Decoder([DecoderLayer(lambda: attention(cfg.dec_n_points), d, cfg.nheads, cfg.dim_feedforward,
+                                             cfg.dropout) for _ in range(cfg.dec_layers)], cfg.with_box_refine)
+        self.level_embed = nn.Parameter(torch.empty(cfg.num_feature_levels, d))
+        if cfg.two_stage:
+            self.enc_output = nn.Linear(d, d)
+            self.enc_output_norm = nn.LayerNorm(d)
+            self.pos_trans = nn.Linear(d * 2, d * 2)
+            self.pos_trans_norm = nn.LayerNorm(d * 2)
         else:
-            self.reference_points = nn.Linear(d_model, 2)
+            self.reference_points = nn.Linear(d, 2)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -224,3 +59,53 @@ class DeformableTransformer(nn.Module):
             nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
             nn.init.zeros_(self.reference_points.bias)
         nn.init.normal_(self.level_embed)
+
+    def forward(self, srcs: list[torch.Tensor], masks: list[torch.Tensor], pos_embeds: list[torch.Tensor],
+                query_embed: torch.Tensor | None, class_heads: nn.ModuleList, box_heads: nn.ModuleList,
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor] | None]:
+        """srcs and pos_embeds (B, C, H_l, W_l), masks (B, H_l, W_l) True on padding, one per level; query_embed
+        (Q, 2C) position and content of the learned queries (None for two-stage)."""
+        shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]
+        src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
+        pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl] for lvl, p in enumerate(pos_embeds)], 1)
+        mask = torch.cat([m.flatten(1) for m in masks], 1)
+        ratios = torch.stack([valid_ratios(m) for m in masks], 1)
+        memory = self.encoder(src, pos, shapes, ratios, mask)
+
+        enc_outputs = None
+        if self.two_stage:
+            (tgt, query_pos, reference), enc_outputs = self._two_stage_queries(memory, mask, shapes, class_heads[-1],
+                                                                               box_heads[-1])
+        else:
+            tgt, query_pos, reference = self._learned_queries(query_embed, src.shape[0])
+        hidden, boxes = self.decoder(tgt, query_pos, reference, memory, pos, shapes, ratios, mask, box_heads)
+        return hidden, boxes, enc_outputs
+
+    def _learned_queries(self, query_embed: torch.Tensor, batch: int) -> Queries:
+        """One learned (position, content) pair per query; the reference point is a linear map of the position."""
+        query_pos, tgt = query_embed.split(self.d_model, dim=1)
+        query_pos = query_pos[None].expand(batch, -1, -1)
+        return tgt[None].expand(batch, -1, -1), query_pos, self.reference_points(query_pos).sigmoid()
+
+    def _two_stage_queries(self, memory: torch.Tensor, mask: torch.Tensor, shapes: Shapes, class_head: nn.Module,
+                           box_head: nn.Module) -> tuple[Queries, dict[str, torch.Tensor]]:
+        """The top proposals as queries and references, and every pixel's proposal (see `ddetr.models.two_stage`).
+
+        Pixels without a proposal get zero memory and the box (1, 1, 1, 1) (the official code's +inf box logits).
+        """
+        props, invalid = base_proposals(mask, shapes)
+        features = self.enc_output_norm(self.enc_output(memory.masked_fill(invalid, 0.0)))
+        logits = class_head(features)
+        boxes = apply_box_delta(box_head(features), props).masked_fill(invalid, 1.0)
+        reference = top_proposals(logits, boxes, mask, self.num_queries)
+        embed = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(reference, self.d_model // 2)))
+        query_pos, tgt = embed.split(self.d_model, dim=2)
+        return (tgt, query_pos, reference), {"pred_logits": logits, "pred_boxes": boxes}
+
+
+def valid_ratios(mask: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) padding mask -> (B, 2): fraction of valid columns and rows, as (x, y)."""
+    _, h, w = mask.shape
+    valid_h = (~mask[:, :, 0]).sum(1)
+    valid_w = (~mask[:, 0, :]).sum(1)
+    return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -26,73 +24,24 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from torch import nn
 
-from ddetr.models.box_ops import box_cxcywh_to_xyxy
-from ddetr.models.ms_deform_attn import AttentionSample, MSDeformAttn
+from ddetr.models.deform_attn import AttentionSample, recording
+from ddetr.models.postprocess import PostProcess
 from ddetr.viz.draw import to_pil
 
 Size = tuple[int, int]  # (H, W)
 
 
-@dataclass
-class RecordedAttention(AttentionSample):
-    """An `AttentionSample` plus the call's reference points and level shapes, which the plots need."""
-
-    reference_points: torch.Tensor  # canvas-normalised (N, Lq, L, 2) as (x, y) or (N, Lq, L, 4) as cxcywh
-    spatial_shapes: list[tuple[int, int]]  # (H, W) of each level
-
-
-def _call_arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
-    return args[index] if len(args) > index else kwargs[name]
-
-
-@contextmanager
-def recording(model: nn.Module) -> Iterator[dict[str, RecordedAttention]]:
-    """Within the block every MSDeformAttn records its calls into the yielded dict (module name -> last call).
-
-    Recording (``module.record``) is switched back to its previous state and ``module.recorded`` cleared on
-    exit, also when the block raises.
-    """
-    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, MSDeformAttn)]
-    if not modules:
-        raise ValueError(f"{type(model).__name__} has no deformable attention modules to record "
-                         "(the dense-attention baseline has none)")
-    records: dict[str, RecordedAttention] = {}
-
-    def hook_for(name: str):
-        def hook(module: MSDeformAttn, args: tuple, kwargs: dict, output: Any) -> None:
-            sample = module.recorded
-            shapes = _call_arg(args, kwargs, 3, "spatial_shapes")
-            records[name] = RecordedAttention(
-                sample.sampling_locations, sample.attention_weights,
-                _call_arg(args, kwargs, 1, "reference_points").detach(),
-                [(int(h), int(w)) for h, w in shapes])
-        return hook
-
-    previous = {name: m.record for name, m in modules}
-    handles = []
-    try:
-        for name, m in modules:
-            m.record = True
-            handles.append(m.register_forward_hook(hook_for(name), with_kwargs=True))
-        yield records
-    finally:
-        for handle in handles:
-            handle.remove()
-        for name, m in modules:
-            m.record, m.recorded = previous[name], None
-
-
 @torch.no_grad()
 def record_attention(model: nn.Module, images: torch.Tensor, masks: torch.Tensor | None = None,
-                     ) -> tuple[dict[str, Any], dict[str, RecordedAttention]]:
+                     ) -> tuple[dict[str, Any], dict[str, AttentionSample]]:
     """Run ``model(images, masks)`` once; return its outputs and each deformable attention call by name."""
     with recording(model) as records:
         outputs = model(images, masks)
     return outputs, records
 
 
-def select_layers(records: Mapping[str, RecordedAttention], part: str, layer: int | None = None,
-                  ) -> dict[str, RecordedAttention]:
+def select_layers(records: Mapping[str, AttentionSample], part: str, layer: int | None = None,
+                  ) -> dict[str, AttentionSample]:
     """The ``part`` ("encoder"/"decoder") layers in order, titled as "decoder layer 5"; or only ``layer``."""
     if part not in ("encoder", "decoder"):
         raise ValueError(f"part must be 'encoder' or 'decoder', got {part!r}")
@@ -109,15 +58,12 @@ def select_layers(records: Mapping[str, RecordedAttention], part: str, layer: in
 
 def top_detections(outputs: Mapping[str, Any], image_size: Size, n: int, batch_index: int = 0,
                    ) -> dict[str, torch.Tensor]:
-    """The ``n`` best queries of one image (by their best class score): ``queries`` index, ``scores``,
-    ``labels`` and ``boxes`` (xyxy pixels of an image of ``image_size`` (H, W))."""
-    logits, boxes = outputs["pred_logits"][batch_index], outputs["pred_boxes"][batch_index]
-    scores, labels = logits.float().sigmoid().max(-1)
-    scores, queries = scores.topk(min(n, scores.shape[0]))
-    h, w = image_size
-    xyxy = box_cxcywh_to_xyxy(boxes[queries].float()) * torch.tensor([w, h, w, h], device=boxes.device)
-    return {"queries": queries.cpu(), "scores": scores.cpu(), "labels": labels[queries].cpu(),
-            "boxes": xyxy.cpu()}
+    """The ``n`` best detections of one image, as `PostProcess` (top (query, class) pairs): ``scores``, ``labels``,
+    ``boxes`` (xyxy pixels of an image of ``image_size`` (H, W)) and ``queries``, the query each came from."""
+    b = slice(batch_index, batch_index + 1)
+    size = torch.tensor([image_size], device=outputs["pred_logits"].device)
+    scores, labels, boxes, queries = PostProcess(n).topk(outputs["pred_logits"][b], outputs["pred_boxes"][b], size)
+    return {"queries": queries[0].cpu(), "scores": scores[0].cpu(), "labels": labels[0].cpu(), "boxes": boxes[0].cpu()}
 
 
 def _scale(canvas_size: Size, valid_size: Size | None, image_size: Size) -> np.ndarray:
@@ -135,15 +81,15 @@ def _check_index(name: str, index: int, size: int) -> None:
         raise ValueError(f"{name} {index} out of range [0, {size})")
 
 
-def _as_layers(samples: RecordedAttention | Mapping[str, RecordedAttention]) -> dict[str, RecordedAttention]:
-    if isinstance(samples, RecordedAttention):
+def _as_layers(samples: AttentionSample | Mapping[str, AttentionSample]) -> dict[str, AttentionSample]:
+    if isinstance(samples, AttentionSample):
         return {"": samples}
     if not samples:
         raise ValueError("no attention samples to plot")
     return dict(samples)
 
 
-def _draw_query(ax: Any, sample: RecordedAttention, batch_index: int, query: int, level: int,
+def _draw_query(ax: Any, sample: AttentionSample, batch_index: int, query: int, level: int,
                 scale: np.ndarray, color_by: str) -> list[Line2D]:
     """Scatter one query's M*L*P points (one collection per level or head); return legend handles."""
     loc = sample.sampling_locations[batch_index, query].cpu().double().numpy() * scale  # (M, L, P, 2)
@@ -171,7 +117,7 @@ def _draw_query(ax: Any, sample: RecordedAttention, batch_index: int, query: int
     return handles
 
 
-def _figure(image: Any, layers: dict[str, RecordedAttention], batch_index: int, queries: list[int],
+def _figure(image: Any, layers: dict[str, AttentionSample], batch_index: int, queries: list[int],
             level: int, scale: np.ndarray, color_by: str, box: Any, title: str | None) -> Figure:
     """One axes per layer: the image, the query's sampling points, its reference point, optionally a box."""
     if color_by not in ("level", "head"):
@@ -204,7 +150,7 @@ def _figure(image: Any, layers: dict[str, RecordedAttention], batch_index: int, 
     return fig
 
 
-def plot_query_attention(image: Any, samples: RecordedAttention | Mapping[str, RecordedAttention],
+def plot_query_attention(image: Any, samples: AttentionSample | Mapping[str, AttentionSample],
                          query_index: int, canvas_size: Size, valid_size: Size | None = None, box: Any = None,
                          batch_index: int = 0, color_by: str = "level", title: str | None = None) -> Figure:
     """Decoder cross-attention of one query: one axes per layer in ``samples`` (e.g. from `select_layers`).
@@ -232,7 +178,7 @@ def pixel_query(spatial_shapes: list[tuple[int, int]], level: int, x: float, y: 
     return sum(hh * ww for hh, ww in spatial_shapes[:level]) + row * w + col
 
 
-def plot_pixel_attention(image: Any, samples: RecordedAttention | Mapping[str, RecordedAttention],
+def plot_pixel_attention(image: Any, samples: AttentionSample | Mapping[str, AttentionSample],
                          pixel: tuple[float, float], canvas_size: Size, valid_size: Size | None = None,
                          level: int = 0, batch_index: int = 0, color_by: str = "level",
                          title: str | None = None) -> Figure:

@@ -1,14 +1,22 @@
-"""The multi-scale deformable attention module (paper §4.1): projections, offsets, weights and their init."""
+"""The multi-scale deformable attention module (paper Eq. 2-3, §4.1): projections, offsets, weights, their init.
+
+`recording` is the one way to look inside: within it every module keeps what its last call sampled.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
 from ddetr.ops import ms_deform_attn
+
+Shapes = list[tuple[int, int]]
 
 
 @dataclass
@@ -17,6 +25,8 @@ class AttentionSample:
 
     sampling_locations: torch.Tensor  # (N, Lq, M, L, P, 2)
     attention_weights: torch.Tensor  # (N, Lq, M, L, P)
+    reference_points: torch.Tensor  # (N, Lq, L, 2) as (x, y) or (N, Lq, L, 4) as (cx, cy, w, h)
+    spatial_shapes: Shapes  # (H, W) of each level
 
 
 class MSDeformAttn(nn.Module):
@@ -32,8 +42,7 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
         self.backend = backend
-        self.record = False  # when True, keep the last call's AttentionSample in `self.recorded` (inspection)
-        self.recorded: AttentionSample | None = None
+        self.recorder: Callable[[AttentionSample], None] | None = None  # set by `recording`
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -51,18 +60,15 @@ class MSDeformAttn(nn.Module):
             nn.init.xavier_uniform_(proj.weight)
             nn.init.zeros_(proj.bias)
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        reference_points: torch.Tensor,
-        value: torch.Tensor,
-        spatial_shapes: list[tuple[int, int]],
-        level_start_index: torch.Tensor | None = None,
-        padding_mask: torch.Tensor | None = None,
-        return_sample: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, AttentionSample]:
+    def forward(self, query: torch.Tensor, reference_points: torch.Tensor, value: torch.Tensor,
+                spatial_shapes: Shapes, padding_mask: torch.Tensor | None = None,
+                value_pos: torch.Tensor | None = None) -> torch.Tensor:
         """query (N, Lq, C); reference_points (N, Lq, L, 2) as (x, y) or (N, Lq, L, 4) as (cx, cy, w, h), in [0, 1];
-        value (N, S, C) flattened levels; padding_mask (N, S) True on padding. Returns (N, Lq, C)."""
+        value (N, S, C) flattened levels; padding_mask (N, S) True on padding. Returns (N, Lq, C).
+
+        ``value_pos`` is ignored: it is there for the call signature shared with `DenseAttention`, whose keys need
+        it; here the sampling locations carry the position.
+        """
         n, lq, _ = query.shape
         m, lv, p = self.n_heads, self.n_levels, self.n_points
         if len(spatial_shapes) != lv:
@@ -83,15 +89,10 @@ class MSDeformAttn(nn.Module):
                          + offsets / p * reference_points[:, :, None, :, None, 2:] * 0.5)
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}")
-        out = ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights, backend=self.backend)
-        out = self.output_proj(out)
-        if return_sample or self.record:
-            sample = AttentionSample(locations.detach(), weights.detach())
-            if self.record:
-                self.recorded = sample
-            if return_sample:
-                return out, sample
-        return out
+        if self.recorder is not None:
+            self.recorder(AttentionSample(locations.detach(), weights.detach(), reference_points.detach(),
+                                          [(int(h), int(w)) for h, w in spatial_shapes]))
+        return self.output_proj(ms_deform_attn(v, spatial_shapes, None, locations, weights, backend=self.backend))
 
 
 def initial_offset_bias(n_heads: int, n_levels: int, n_points: int) -> torch.Tensor:
@@ -102,3 +103,24 @@ def initial_offset_bias(n_heads: int, n_levels: int, n_points: int) -> torch.Ten
     grid = grid.view(n_heads, 1, 1, 2).repeat(1, n_levels, n_points, 1)
     grid = grid * torch.arange(1, n_points + 1, dtype=torch.float64).view(1, 1, n_points, 1)
     return grid.flatten().float()
+
+
+@contextmanager
+def recording(model: nn.Module) -> Iterator[dict[str, AttentionSample]]:
+    """Within the block every MSDeformAttn in ``model`` stores its last call in the yielded dict, by module name.
+
+    The modules' previous recorders come back on exit, also when the block raises.
+    """
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, MSDeformAttn)]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no deformable attention modules to record "
+                         "(the dense-attention baseline has none)")
+    records: dict[str, AttentionSample] = {}
+    previous = [m.recorder for _, m in modules]
+    try:
+        for name, m in modules:
+            m.recorder = partial(records.__setitem__, name)
+        yield records
+    finally:
+        for (_, m), recorder in zip(modules, previous):
+            m.recorder = recorder

@@ -1,0 +1,69 @@
+"""The encoder (paper §4.1, official code): deformable self-attention over the pixels of all levels, post-norm."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+Shapes = list[tuple[int, int]]
+AttentionFactory = Callable[[], nn.Module]  # builds MSDeformAttn, or DenseAttention for the DETR baseline
+
+
+class FFNLayer(nn.Module):
+    """Adds the FFN (linear1 -> ReLU -> dropout -> linear2 -> dropout, residual) under the official names."""
+
+    def _init_ffn(self, d_model: int, dim_feedforward: int, dropout: float) -> None:
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout_ffn1 = nn.Dropout(dropout)
+        self.dropout_ffn2 = nn.Dropout(dropout)
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.dropout_ffn2(self.linear2(self.dropout_ffn1(torch.relu(self.linear1(x)))))
+
+
+class EncoderLayer(FFNLayer):
+    """Self-attention of every pixel (query = feature + position) around its own location, then an FFN."""
+
+    def __init__(self, make_attn: AttentionFactory, d_model: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = make_attn()
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self._init_ffn(d_model, dim_feedforward, dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor, shapes: Shapes,
+                padding_mask: torch.Tensor) -> torch.Tensor:
+        attn = self.self_attn(src + pos, reference_points, src, shapes, padding_mask, value_pos=pos)
+        src = self.norm1(src + self.dropout1(attn))
+        return self.norm2(self.ffn(src))
+
+
+class Encoder(nn.Module):
+    def __init__(self, layers: list[EncoderLayer]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, src: torch.Tensor, pos: torch.Tensor, shapes: Shapes, ratios: torch.Tensor,
+                padding_mask: torch.Tensor) -> torch.Tensor:
+        """src, pos (B, S, C) flattened levels; ratios (B, L, 2) valid fractions; padding_mask (B, S) -> (B, S, C)."""
+        reference_points = encoder_reference_points(shapes, ratios)
+        for layer in self.layers:
+            src = layer(src, pos, reference_points, shapes, padding_mask)
+        return src
+
+
+def encoder_reference_points(shapes: Shapes, ratios: torch.Tensor) -> torch.Tensor:
+    """Pixel centres of every level normalised by the valid region, expanded to all levels: (B, S, L, 2)."""
+    refs = []
+    device = ratios.device
+    for lvl, (h, w) in enumerate(shapes):
+        ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32) + 0.5,
+                                torch.arange(w, device=device, dtype=torch.float32) + 0.5, indexing="ij")
+        ry = ys.reshape(-1)[None] / (ratios[:, None, lvl, 1] * h)
+        rx = xs.reshape(-1)[None] / (ratios[:, None, lvl, 0] * w)
+        refs.append(torch.stack((rx, ry), -1))
+    return torch.cat(refs, 1)[:, :, None] * ratios[:, None]
