@@ -30,8 +30,7 @@ class Backbone(nn.Module):
     its last ``num_outputs`` of the C3, C4, C5 stages (strides 8/16/32) with masks. Weights: `load_pretrained`."""
 
     def __init__(self, name: str = "resnet50", num_outputs: int = 3, dilation: bool = False,
-                 frozen_batchnorm: bool = True, train_backbone: bool = True, _ignored_weights: Any = None) -> None:
-        # _ignored_weights: DeformableDETR still passes cfg.pretrained_backbone here; weights load in build().
+                 frozen_batchnorm: bool = True, train_backbone: bool = True) -> None:
         super().__init__()
         self.name, self.num_outputs = name, num_outputs
         self.is_timm, self.channels_last = name.startswith(TIMM_PREFIX), False

@@ -19,7 +19,8 @@ class DeformableDETR(nn.Module):
 
     ``forward(images, masks=None)`` takes an ImageNet-normalised (B, 3, H, W) batch and an optional (B, H, W) padding
     mask (True on padding) and returns ``pred_logits`` (B, Q, C), ``pred_boxes`` (B, Q, 4; normalised cxcywh),
-    ``aux_outputs`` (earlier decoder layers) and, for two-stage, ``enc_outputs`` (encoder proposals).
+    ``aux_outputs`` (earlier decoder layers) and, for two-stage, ``enc_outputs`` (encoder proposals). This is the
+    architecture only, randomly initialised; `ddetr.models.build` loads ``pretrained_backbone`` for training.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -27,7 +28,7 @@ class DeformableDETR(nn.Module):
         self.cfg = cfg
         d = cfg.hidden_dim
         self.backbone = Backbone(cfg.backbone, min(cfg.num_feature_levels, 3), cfg.dilation, cfg.frozen_batchnorm,
-                                 cfg.train_backbone, cfg.pretrained_backbone)
+                                 cfg.train_backbone)
         self.position_embedding = PositionEmbeddingSine(d // 2)
         proj = [nn.Sequential(nn.Conv2d(c, d, kernel_size=1), nn.GroupNorm(32, d))
                 for c in self.backbone.num_channels]
