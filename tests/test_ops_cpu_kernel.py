@@ -2,13 +2,19 @@
 
 test_ops.py runs the generic backend checks on it with small D; here: channel counts that reach the vector
 paths (16 fp32 / 8 fp64 lanes, plus tails), half-precision loads, determinism across thread counts, dispatch,
-torch.library registration (opcheck, compile, export) and the fallback when the extension cannot be built.
+torch.library registration (opcheck, compile, export), the fallback when the extension cannot be built, and the
+build cache (a cached library loads without ninja or a compiler, whatever PATH says).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,6 +212,75 @@ def test_cache_dir_follows_ddetr_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("DDETR_CACHE", str(tmp_path))
     path = cpu_kernel.build_dir()
     assert path.parent == tmp_path / "ext" and path.name.startswith("ms_deform_attn_cpu_")
+
+
+TOOLS = ("ninja", "c++", "g++", "gcc", "cc", "clang++")
+LOAD_IN_FRESH_PROCESS = """
+import torch
+from ddetr.ops import cpu_kernel
+assert cpu_kernel.extension_loaded()
+value = torch.ones(1, 4, 1, 2)
+loc = torch.full((1, 3, 1, 1, 1, 2), 0.5)
+out = torch.ops.ddetr.ms_deform_attn_cpu(value, [2, 2], loc, torch.ones(1, 3, 1, 1, 1))
+assert torch.equal(out, torch.ones(1, 3, 2)), out
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="shell-script fakes of the build tools")
+def test_cached_library_loads_without_ninja_or_compiler(tmp_path):
+    """Another ninja/compiler first on PATH (a venv, a conda env) must not rebuild a cached kernel: a fresh
+    process loads it without running any of them (each fake records its call and fails)."""
+    assert cpu_kernel.extension_loaded() and cpu_kernel.library_path().is_file()
+    fake_bin, calls = tmp_path / "bin", tmp_path / "calls.log"
+    fake_bin.mkdir()
+    for tool in TOOLS:
+        (fake_bin / tool).write_text(f'#!/bin/sh\necho {tool} "$@" >> {calls}\nexit 1\n')
+        (fake_bin / tool).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "CC")}
+    env["PATH"] = f"{fake_bin}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    done = subprocess.run([sys.executable, "-c", LOAD_IN_FRESH_PROCESS], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not calls.exists(), calls.read_text()
+    assert "building the fused CPU kernel" not in done.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_kernel_shares_torchs_openmp_runtime():
+    """The kernel's libgomp is torch's (one runtime, one thread pool): torch.set_num_threads and OMP_WAIT_POLICY
+    govern it too, and no second pool of threads competes with torch's for the cores."""
+    assert cpu_kernel.extension_loaded()
+    runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                if any(name in line for name in ("libgomp", "libiomp", "libomp"))}
+    assert len(runtimes) == 1, runtimes
+
+
+def test_changed_sources_rebuild_and_path_does_not(monkeypatch, tmp_path):
+    """The cache key follows the sources (an edit builds afresh) but not PATH; a published library is loaded."""
+    csrc = tmp_path / "csrc"
+    shutil.copytree(Path(cpu_kernel._SOURCE).parent, csrc)
+    monkeypatch.setattr(cpu_kernel, "_SOURCE", csrc / cpu_kernel._SOURCE.name)
+    monkeypatch.setenv("DDETR_CACHE", str(tmp_path / "cache"))
+    built, loaded = [], []
+
+    def fake_build(path: Path) -> None:
+        built.append(path)
+        (path / "ddetr_msda_cpu.so").parent.mkdir(parents=True)
+        (path / "ddetr_msda_cpu.so").write_bytes(b"")
+
+    monkeypatch.setattr(cpu_kernel, "_build", fake_build)
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    first = cpu_kernel.build_dir()
+    cpu_kernel._build_and_load()  # nothing cached: build
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert cpu_kernel.build_dir() == first
+    cpu_kernel._build_and_load()  # cached: load only
+    assert built == [first] and loaded == [str(first / "ddetr_msda_cpu.so")]
+    cpu_kernel._SOURCE.write_text(cpu_kernel._SOURCE.read_text() + "// edited\n")
+    assert cpu_kernel.build_dir() != first
+    cpu_kernel._build_and_load()
+    assert built == [first, cpu_kernel.build_dir()] and len(loaded) == 1
 
 
 def test_op_rejects_inconsistent_shapes():
