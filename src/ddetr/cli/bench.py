@@ -1,24 +1,33 @@
-"""`ddetr bench`: the operator benchmark (benchmarks/ms_deform_attn.py) from the installed package."""
+"""`ddetr bench op | model | paper-claims ...`: the benchmarks of ddetr.bench, from the installed package."""
 
 from __future__ import annotations
 
 import argparse
-import runpy
-import sys
-from pathlib import Path
+import importlib
 
-SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "ms_deform_attn.py"
+# subcommand -> (module of ddetr.bench with main(argv), one-line help)
+SUBCOMMANDS = {
+    "op": ("op", "the MSDeformAttn operator: every backend next to HF's grid_sample path"),
+    "model": ("model", "the whole detector next to HF's: inference, bf16 and one training step"),
+    "paper-claims": ("paper_claims", "the paper's Table 1/2 and convergence claims in miniature (demo-* presets)"),
+    "contention": ("contention", "a training step on a quiet CPU and next to a busy process, per thread setting"),
+}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bench_args", nargs="*", metavar="OPTION",
-                   help="options passed on to benchmarks/ms_deform_attn.py (e.g. --quick, --scaling, --device cuda; "
-                        "`ddetr bench --help` shows this, `ddetr bench --quick --help` the script's own)")
+    listing = "; ".join(f"{name}: {text}" for name, (_, text) in SUBCOMMANDS.items())
+    p.add_argument("bench_args", nargs="*", metavar="SUBCOMMAND [OPTION]",
+                   help=f"{listing}. `ddetr bench SUBCOMMAND --help` shows its options; options without a "
+                        "subcommand go to `op` (e.g. `ddetr bench --quick`)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not SCRIPT.is_file():
-        raise FileNotFoundError(f"{SCRIPT}: benchmark script not found (run from a source checkout)")
-    sys.argv = [str(SCRIPT), *args.bench_args]
-    runpy.run_path(str(SCRIPT), run_name="__main__")
-    return 0
+    argv = list(args.bench_args)
+    if argv and argv[0] in SUBCOMMANDS:
+        name = argv.pop(0)
+    elif argv and not argv[0].startswith("-"):
+        raise ValueError(f"unknown benchmark {argv[0]!r}; choose one of: {', '.join(SUBCOMMANDS)}")
+    else:
+        name = "op"  # `ddetr bench --quick ...` before subcommands existed
+    module = importlib.import_module(f"ddetr.bench.{SUBCOMMANDS[name][0]}")
+    return int(module.main(argv) or 0)

@@ -1,0 +1,332 @@
+"""Benchmark the whole detector next to HF's DeformableDetrForObjectDetection: same config, same weights.
+
+Per preset and batch size: fp32 inference (eval, no_grad) time and peak memory; bf16-autocast inference time
+and how far its logits/boxes move from fp32; one training step (forward + loss + backward) time and peak
+memory; and where the fp32 inference time goes (backbone, encoder, decoder, the rest: input projections,
+position embeddings, proposals, heads), measured with forward hooks. Times are the fastest of ``--repeats``
+calls after a warm-up, ours and HF alternating (other processes' load only ever adds time).
+Our weights are loaded into HF through ``ddetr.interop.hf`` and the fp32 outputs of both are compared, so
+the two time the same network. CPU memory is the growth of the process's peak RSS during one call (Linux:
+the high-water mark is reset through /proc/self/clear_refs after freed memory is returned with malloc_trim);
+CUDA memory is max_memory_allocated minus what was allocated before the call. Images are random, unpadded,
+of one size.
+
+    ddetr bench model --quick                              # 256x320 smoke test, all paper presets
+    ddetr bench model --presets deformable-detr --batch 1  # 800x1333 (or: python benchmarks/model.py ...)
+    ddetr bench model --device cuda --threads 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+import ddetr.ops
+from ddetr.interop.hf import ours_to_hf, ours_to_hf_config, v4_to_v5
+from ddetr.models import DeformableDETR, build, preset
+
+PAPER_PRESETS = ["deformable-detr", "deformable-detr-single-scale", "deformable-detr-single-scale-dc5",
+                 "deformable-detr-refine", "deformable-detr-two-stage"]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+@dataclass
+class Result:
+    """One implementation's measurement: fastest call, peak memory of one call, warm-up output, time split."""
+
+    best_s: float
+    peak_mib: float
+    output: object
+    parts: dict[str, float] | None  # seconds inside each timed submodule during the fastest call
+
+
+def _memory_base(device: torch.device) -> float:
+    """Start a peak-memory window; returns the baseline in MiB."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed memory back, so that reuse shows up as growth
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
+    return _rss_kb("VmRSS") / 2**10
+
+
+def _memory_peak(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _rss_kb("VmHWM") / 2**10
+
+
+def measure(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+            timers: dict[str, PartTimer] | None = None) -> dict[str, Result]:
+    """Warm up each function, then time ``repeats`` rounds that alternate between them (A B A B ...), so
+    that load from other processes hits every implementation alike; the fastest call of each is kept."""
+    timers = timers or {}
+    outputs = {name: fn() for name, fn in fns.items()}
+    best: dict[str, tuple[float, dict[str, float] | None]] = dict.fromkeys(fns, (math.inf, None))
+    peaks = {}
+    for i in range(repeats):
+        for name, fn in fns.items():
+            timer = timers.get(name)
+            before = dict(timer.totals) if timer else {}
+            base = _memory_base(device) if i == 0 else 0.0
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            elapsed = time.perf_counter() - start
+            if i == 0:
+                peaks[name] = _memory_peak(device) - base
+            if elapsed < best[name][0]:
+                parts = {k: timer.totals[k] - before[k] for k in before} if timer else None
+                best[name] = elapsed, parts
+    return {name: Result(best[name][0], peaks[name], outputs[name], best[name][1]) for name in fns}
+
+
+def matched_diffs(ref: tuple[torch.Tensor, torch.Tensor], other: tuple[torch.Tensor, torch.Tensor],
+                  ) -> tuple[float, float]:
+    """Max abs difference of (logits, boxes) between each query of ``ref`` and its closest query of ``other``.
+
+    Query order is ignored: two-stage ranks proposals by score, and near-tied scores may swap two queries
+    between implementations or precisions without changing any detection.
+    """
+    a = torch.cat([t.float() for t in ref], -1)
+    b = torch.cat([t.float() for t in other], -1)
+    nearest = (a[:, :, None] - b[:, None]).abs().amax(-1).argmin(-1)  # (B, Q)
+    b = torch.gather(b, 1, nearest[..., None].expand_as(b))
+    n = ref[0].shape[-1]
+    return (a[..., :n] - b[..., :n]).abs().max().item(), (a[..., n:] - b[..., n:]).abs().max().item()
+
+
+class PartTimer:
+    """Accumulates the wall time spent inside named submodules (forward pre-hook to forward hook)."""
+
+    def __init__(self, parts: dict[str, nn.Module], device: torch.device) -> None:
+        self.totals = dict.fromkeys(parts, 0.0)
+        self._start: dict[str, float] = {}
+        self._handles = []
+        for name, module in parts.items():
+            self._handles.append(module.register_forward_pre_hook(self._pre(name, device)))
+            self._handles.append(module.register_forward_hook(self._post(name, device)))
+
+    def _pre(self, name: str, device: torch.device):
+        def hook(module, args):
+            sync(device)
+            self._start[name] = time.perf_counter()
+        return hook
+
+    def _post(self, name: str, device: torch.device):
+        def hook(module, args, output):
+            sync(device)
+            self.totals[name] += time.perf_counter() - self._start[name]
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def hf_twin(model: DeformableDETR, device: torch.device) -> nn.Module:
+    """HF's model with our weights. Refinement needs untied heads: HF's default ties class_embed.1-5 to 0."""
+    cfg = model.cfg
+    config = ours_to_hf_config(cfg)
+    config["tie_word_embeddings"] = not cfg.with_box_refine
+    hf = transformers.DeformableDetrForObjectDetection(transformers.DeformableDetrConfig.from_dict(config))
+    state = {v4_to_v5(k): v for k, v in ours_to_hf(model.state_dict(), cfg).items()}
+    hf.load_state_dict(state, strict=True)
+    return hf.to(device)
+
+
+def as_pair(out) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, boxes) from our output dict or HF's output object."""
+    return (out.logits, out.pred_boxes) if hasattr(out, "logits") else (out["pred_logits"], out["pred_boxes"])
+
+
+def random_targets(batch: int, num_classes: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(batch):
+        centre = torch.rand(3, 2, generator=gen) * 0.6 + 0.2
+        size = torch.rand(3, 2, generator=gen) * 0.3 + 0.05
+        labels = torch.randint(1, num_classes, (3,), generator=gen)
+        out.append({"labels": labels.to(device), "boxes": torch.cat([centre, size], 1).to(device)})
+    return out
+
+
+def bench_preset(name: str, batch: int, size: tuple[int, int], device: torch.device, repeats: int) -> dict:
+    """Every measurement for one preset and batch size; HF columns are None for the dense baseline."""
+    torch.manual_seed(0)
+    cfg = preset(name)
+    model, criterion, _ = build(cfg)
+    model.to(device)
+    hf = None if cfg.model.dense_attention else hf_twin(model, device)
+    images = torch.randn(batch, 3, *size, device=device)
+    masks = torch.zeros(batch, *size, dtype=torch.bool, device=device)
+    pixel_mask = (~masks).long()
+    targets = random_targets(batch, cfg.model.num_classes, device)
+    hf_labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+    row: dict = {"preset": name, "batch": batch}
+
+    def ours_step():
+        criterion(model(images, masks), targets)["loss"].backward()
+        model.zero_grad(set_to_none=True)
+
+    def hf_step():
+        hf(pixel_values=images, pixel_mask=pixel_mask, labels=hf_labels).loss.backward()
+        hf.zero_grad(set_to_none=True)
+
+    nets = {"ours": model}
+    forward = {"ours": lambda: model(images, masks)}
+    step = {"ours": ours_step}
+    timers = {"ours": PartTimer({"backbone": model.backbone, "encoder": model.transformer.encoder,
+                                 "decoder": model.transformer.decoder}, device)}
+    if hf is not None:
+        nets["hf"] = hf
+        forward["hf"] = lambda: hf(pixel_values=images, pixel_mask=pixel_mask)
+        step["hf"] = hf_step
+        timers["hf"] = PartTimer({"backbone": hf.model.backbone, "encoder": hf.model.encoder,
+                                  "decoder": hf.model.decoder}, device)
+
+    for net in nets.values():
+        net.eval()
+    with torch.no_grad():
+        fp32 = measure(forward, device, repeats, timers)
+        for timer in timers.values():
+            timer.remove()
+        low_forward = {}
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            for impl, fwd in forward.items():
+                try:
+                    fwd()
+                    low_forward[impl] = fwd
+                except Exception as exc:  # noqa: BLE001 - report a failing peer in the table, go on
+                    row[f"{impl}_bf16_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
+            bf16 = measure(low_forward, device, repeats)
+    for net in nets.values():
+        net.train()
+    train = measure(step, device, repeats)
+
+    for impl in nets:
+        row[f"{impl}_fp32_s"], row[f"{impl}_fp32_mib"] = fp32[impl].best_s, fp32[impl].peak_mib
+        parts = fp32[impl].parts
+        row[f"{impl}_parts"] = {**parts, "rest": fp32[impl].best_s - sum(parts.values())}
+        row[f"{impl}_train_s"], row[f"{impl}_train_mib"] = train[impl].best_s, train[impl].peak_mib
+        if impl in bf16:
+            row[f"{impl}_bf16_s"] = bf16[impl].best_s
+            diffs = matched_diffs(as_pair(fp32[impl].output), as_pair(bf16[impl].output))
+            row[f"{impl}_bf16_dlogits"], row[f"{impl}_bf16_dboxes"] = diffs
+    if hf is not None:
+        row["parity_logits"], row["parity_boxes"] = matched_diffs(as_pair(fp32["ours"].output),
+                                                                  as_pair(fp32["hf"].output))
+    return row
+
+
+def fmt(value: float | None, scale: float = 1.0) -> str:
+    return "—" if value is None else f"{value * scale:.0f}"
+
+
+def ratio(row: dict, key: str) -> str:
+    """HF / ours for one measurement: > 1 means ours is faster (or smaller)."""
+    hf, ours = row.get(f"hf_{key}"), row.get(f"ours_{key}")
+    return "—" if hf is None or ours is None else f"{hf / ours:.2f}x"
+
+
+def bf16_cell(row: dict, impl: str) -> str:
+    if f"{impl}_bf16_error" in row:
+        return f"failed: {row[f'{impl}_bf16_error']}"
+    if f"{impl}_bf16_dlogits" not in row:
+        return "—"
+    return f"{row[f'{impl}_bf16_dlogits']:.3f} / {row[f'{impl}_bf16_dboxes']:.3f}"
+
+
+def table(title: str, header: list[str], lines: list[list[str]]) -> None:
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for cells in lines:
+        print("| " + " | ".join(cells) + " |")
+
+
+def print_tables(rows: list[dict]) -> None:
+    key = [[r["preset"], str(r["batch"])] for r in rows]
+    table("fp32 inference (eval, no_grad); last column: max abs difference ours vs HF, query order free",
+          ["preset", "batch", "ours ms", "HF ms", "HF/ours", "ours peak MiB", "HF peak MiB",
+           "ours vs HF (logits, boxes)"],
+          [k + [fmt(r["ours_fp32_s"], 1e3), fmt(r.get("hf_fp32_s"), 1e3), ratio(r, "fp32_s"),
+                fmt(r["ours_fp32_mib"]), fmt(r.get("hf_fp32_mib")),
+                f"{r['parity_logits']:.1e}, {r['parity_boxes']:.1e}" if "parity_logits" in r else "—"]
+           for k, r in zip(key, rows)])
+    table("bf16 autocast inference; change: max abs vs fp32 of logits / boxes, query order free",
+          ["preset", "batch", "ours ms", "HF ms", "HF/ours", "ours change", "HF change"],
+          [k + [fmt(r.get("ours_bf16_s"), 1e3), fmt(r.get("hf_bf16_s"), 1e3), ratio(r, "bf16_s"),
+                bf16_cell(r, "ours"), bf16_cell(r, "hf")] for k, r in zip(key, rows)])
+    table("one training step (train mode: forward + loss + backward)",
+          ["preset", "batch", "ours ms", "HF ms", "HF/ours", "ours peak MiB", "HF peak MiB", "HF/ours mem"],
+          [k + [fmt(r["ours_train_s"], 1e3), fmt(r.get("hf_train_s"), 1e3), ratio(r, "train_s"),
+                fmt(r["ours_train_mib"]), fmt(r.get("hf_train_mib")), ratio(r, "train_mib")]
+           for k, r in zip(key, rows)])
+    lines = []
+    for k, r in zip(key, rows):
+        for impl in ("ours", "hf"):
+            if f"{impl}_parts" in r:
+                parts = r[f"{impl}_parts"]
+                cells = [fmt(v, 1e3) for v in parts.values()]
+                lines.append(k + [impl] + cells + [fmt(sum(parts.values()), 1e3)])
+    table("where the fastest fp32 inference call spent its time, ms (rest: projections, positions, heads)",
+          ["preset", "batch", "impl", "backbone", "encoder", "decoder", "rest", "total"], lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ddetr bench model", description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=PAPER_PRESETS,
+                        help="preset names (detr-baseline has no HF twin: ours only)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"))
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement, after a warm-up")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="256x320 images: a smoke test")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size = [256, 320]
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    probe = torch.empty(0, device=device)
+    cpu = platform.processor() or platform.machine()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {device} ({cpu}), "
+          f"{torch.get_num_threads()} threads, image {args.size[0]}x{args.size[1]}, best of {args.repeats} "
+          f"after a warm-up; our MSDA backends available: {ddetr.ops.available_backends(probe)}")
+    rows = []
+    for name in args.presets:
+        for batch in args.batch:
+            print(f"... {name} batch {batch}", flush=True)
+            rows.append(bench_preset(name, batch, tuple(args.size), device, args.repeats))
+    print_tables(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
