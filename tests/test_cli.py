@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ddetr.cli.main import build_parser
+from ddetr.cli.main import main as cli_main
 from ddetr.data.synthetic import generate
 
 COMMANDS = ["train", "eval", "predict", "export", "convert", "visualize", "bench", "demo"]
@@ -67,7 +68,7 @@ def test_eval_predict_convert_export_visualize(trained):
     assert len(results) == 3 and all(rec["detections"] for rec in results)
     assert len(list((root / "pred").glob("*_pred.png"))) == 3
     coco = json.loads((root / "pred" / "coco_results.json").read_text())
-    assert coco and {"image_id", "category_id", "bbox", "score"} <= set(coco[0])
+    assert coco and {"file_name", "category_id", "bbox", "score"} <= set(coco[0])  # no --annotations: no image ids
 
     r = ddetr("convert", str(ckpt), str(root / "hf"), "--to", "hf")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -80,7 +81,7 @@ def test_eval_predict_convert_export_visualize(trained):
     assert r.returncode == 0, r.stderr[-3000:]
     onnx_results = json.loads((root / "pred_onnx" / "results.json").read_text())
     first, second = results[0]["detections"][0], onnx_results[0]["detections"][0]
-    assert first["label"] == second["label"] and abs(first["score"] - second["score"]) < 1e-3
+    assert first["category_id"] == second["category_id"] and abs(first["score"] - second["score"]) < 1e-3
 
     r = ddetr("visualize", "--checkpoint", str(ckpt), str(next(images.iterdir())), "--top", "1", "--out",
               str(root / "viz"))
@@ -113,8 +114,73 @@ def test_python_m_ddetr_is_the_same_tool():
     assert r.returncode == 0 and all(c in r.stdout for c in COMMANDS)
 
 
-def test_bench_passes_its_options_to_the_benchmark_script():
-    r = ddetr("bench", "--quick", "--no-memory", "--batch", "1", "--repeats", "5", "--impls", "reference", "hf")
+def test_bench_passes_its_options_to_the_packaged_benchmark(tmp_path):
+    # From another directory: the benchmark comes from the package, not from a source checkout's benchmarks/.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "ddetr", "bench", "op", "--quick", "--no-memory", "--batch", "1",
+                        "--repeats", "5", "--impls", "reference", "hf"], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| encoder | 1 |")]
     assert {row.split("|")[3].strip() for row in rows} == {"reference", "hf"}
+
+
+@pytest.mark.parametrize(("subcommand", "option"), [(["op"], "--scaling"), (["model"], "--presets"),
+                                                     (["paper-claims"], "--budget"), (["contention"], "--steps"),
+                                                     ([], "--scaling")])
+def test_bench_subcommands_show_their_own_options(subcommand, option, capsys):
+    # No subcommand means `op`, as before subcommands existed (`ddetr bench --quick`).
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["bench", *subcommand, "--quick", "--help"])
+    assert exit_.value.code == 0 and option in capsys.readouterr().out
+
+
+def test_bench_refuses_an_unknown_subcommand(capsys):
+    assert cli_main(["bench", "nope"]) == 2
+    assert "op, model, paper-claims, contention" in capsys.readouterr().err
+
+
+def test_set_and_config_values_are_converted_to_the_field_types(tmp_path):
+    from ddetr.cli.train import load_train_config
+
+    args = build_parser().parse_args(["train", "--set", "optim.lr=2e-4", "--set", "epochs=1e1", "--set",
+                                      "data.scales=[64, 96]", "--set", "data.crop=off", "--set", "time_budget=null",
+                                      "--set", "output_dir=2024"])
+    cfg = load_train_config(args)
+    assert (cfg.optim.lr, cfg.epochs, cfg.data.scales, cfg.data.crop, cfg.time_budget, cfg.output_dir) == (
+        2e-4, 10, (64, 96), False, None, "2024")
+    assert type(cfg.optim.lr) is float and type(cfg.epochs) is int
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 2e-4\ntime_budget: 1e3\ndata:\n  crop_size: [64, 96]\n")  # YAML 1.1: text
+    cfg = load_train_config(build_parser().parse_args(["train", "--config", str(path)]))
+    assert (cfg.optim.lr, cfg.time_budget, cfg.data.crop_size) == (2e-4, 1000.0, (64, 96))
+
+
+@pytest.mark.parametrize(("argv", "culprit"), [
+    (["train", "--set", "optim.lr=abc"], "--set optim.lr: expected a number, got 'abc'"),
+    (["train", "--time-budget", "-5"], "argument --time-budget: expected a number > 0, got '-5'"),
+    (["eval", "--checkpoint", "x.pth"], "give --data DIR, or both --images and --annotations"),
+    (["train", "--device", "cuda:99"], "--device cuda:99: "),
+])
+def test_bad_options_give_one_line(argv, culprit, capsys):
+    try:
+        code = cli_main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and culprit in err, err
+
+
+def test_resume_alone_continues_and_overwrite_starts_over(trained, tmp_path):
+    import shutil
+
+    root, ckpt = trained
+    run = Path(shutil.copytree(ckpt.parent, tmp_path / "run"))
+    assert cli_main(["train", "--resume", str(run / "last.pth"), "--epochs", "2"]) == 0
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    again = ["train", "--preset", "demo", "--data", str(root / "data" / "train"), "--epochs", "1", "--batch-size",
+             "3", "--output", str(run), *TINY]
+    assert cli_main(again) == 2  # the folder holds a run
+    assert cli_main([*again, "--overwrite"]) == 0
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (run / "best.pth").exists()  # no validation data in the new run: the old run's best is gone too

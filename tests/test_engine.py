@@ -1,7 +1,10 @@
-"""Training engine: loss goes down, exact resume after SIGKILL, DDP == single process, checkpoints load safely."""
+"""Training engine: loss goes down, exact resume after a crash or SIGKILL, DDP == single process, checkpoints load
+safely, the run state in one definition, the time budget, non-finite losses and the run-folder rules."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -13,15 +16,18 @@ import pytest
 import torch
 
 from ddetr.data.synthetic import generate
+from ddetr.engine import trainer as trainer_module
 from ddetr.engine.config import DataConfig, TrainConfig
 from ddetr.engine.data import make_loader
+from ddetr.engine.device import resolve_amp
 from ddetr.engine.optim import OptimConfig
+from ddetr.engine.state import TrainState
 from ddetr.engine.trainer import Trainer
 from ddetr.models.config import DetectorConfig, ModelConfig, save_config
 
-TINY_MODEL = ModelConfig(num_classes=6, backbone="resnet18", frozen_batchnorm=True, num_feature_levels=2,
-                         hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64, dropout=0.0,
-                         num_queries=10, enc_n_points=2, dec_n_points=2)
+TINY_MODEL = ModelConfig(num_classes=6, backbone="resnet18", pretrained_backbone=None, frozen_batchnorm=True,
+                         num_feature_levels=2, hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
+                         dim_feedforward=64, dropout=0.0, num_queries=10, enc_n_points=2, dec_n_points=2)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +59,18 @@ def final_weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
+def history(folder: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock times (the rest must repeat exactly)."""
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=atol, msg=f"{key} differs")
+
+
 def test_training_steps_reduce_loss(tiny_data, tmp_path):
     torch.manual_seed(0)
     cfg = tiny_config(tiny_data, tmp_path, epochs=1)
@@ -69,18 +87,68 @@ def test_training_steps_reduce_loss(tiny_data, tmp_path):
     assert max(losses[-5:]) < 0.75 * losses[0], losses  # falls clearly, whatever the thread count
 
 
-def test_checkpoint_is_atomic_and_loads_without_pickle(tiny_data, tmp_path):
+def test_checkpoints_atomic_safe_and_best_is_weights_only(tiny_data, tmp_path):
+    from ddetr.inference import Detector
+
     cfg = tiny_config(tiny_data, tmp_path, epochs=1)
+    cfg.detector.model.frozen_batchnorm = False  # every weight trained: last.pth holds 2 Adam moments of each
     Trainer(cfg).fit()
-    ckpt = torch.load(tmp_path / "last.pth", map_location="cpu", weights_only=True)
-    assert ckpt["format"] == "ddetr" and ckpt["epoch"] == 1
-    assert ckpt["class_names"] and len(ckpt["category_ids"]) == 6
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".last.pth")]  # no temp files left behind
+    last = torch.load(tmp_path / "last.pth", map_location="cpu", weights_only=True)
+    assert last["format"] == "ddetr" and last["train_state"]["epoch"] == 1
+    assert last["class_names"] and len(last["category_ids"]) == 6
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
     assert (tmp_path / "curves.png").stat().st_size > 1000
+    best = torch.load(tmp_path / "best.pth", map_location="cpu", weights_only=True)
+    assert set(best) == {"format", "version", "config", "train_config", "model", "class_names", "category_ids",
+                         "val_size", "max_size"}  # no optimiser, scheduler, RNG or progress
+    ratio = (tmp_path / "best.pth").stat().st_size / (tmp_path / "last.pth").stat().st_size
+    assert ratio < 0.3345, ratio  # a third, less the Adam moments of the BatchNorm statistics (buffers)
+    detector = Detector.from_checkpoint(tmp_path / "best.pth")
+    assert detector.class_names == last["class_names"] and detector.size == 64
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tiny_data, tmp_path):
+def test_state_is_saved_and_restored_from_one_definition(tiny_data, tmp_path):
+    trainer = Trainer(tiny_config(tiny_data, tmp_path, epochs=5))
+    fields = [f.name for f in dataclasses.fields(TrainState)]
+    assert set(trainer.checkpoint()["train_state"]) == set(fields)
+    odd = TrainState(epoch=2, step_in_epoch=1, global_step=9, best_ap=0.25, elapsed=12.5, lr_dropped_by_time=True,
+                     epoch_trained=False, loss_sums={"loss": 3.0}, loss_count=2, history=[{"epoch": 1, "loss": None}])
+    trainer.state = odd
+    trainer.save("last")
+    again = Trainer(tiny_config(tiny_data, tmp_path, epochs=5), resume=tmp_path / "last.pth")
+    assert again.state == odd
+    legacy = {"epoch": 2, "step_in_epoch": 1, "global_step": 9, "best_ap": 0.25, "elapsed": 12.5,
+              "history": json.dumps([{"epoch": 1}]), "lr_dropped_by_time": True}  # version-1 layout
+    assert TrainState.from_checkpoint(legacy).history == [{"epoch": 1}]
+
+
+def test_crash_mid_step_then_resume_is_exact_and_logs_whole_epochs(tiny_data, tmp_path, monkeypatch):
+    Trainer(tiny_config(tiny_data, tmp_path / "ref", epochs=2)).fit()
+
+    class Crash(Exception):
+        pass
+
+    steps = []
+
+    def crash_at_sixth_step(name: str) -> None:
+        steps.append(name)
+        if name == "step" and steps.count("step") == 6:  # mid-way through epoch 2
+            raise Crash
+
+    cfg = tiny_config(tiny_data, tmp_path / "run", epochs=2, checkpoint_every=1)
+    monkeypatch.setattr(trainer_module, "kill_point", crash_at_sixth_step)
+    with pytest.raises(Crash):
+        Trainer(cfg).fit()
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["train_state"]["step_in_epoch"] == 1
+    resumed = Trainer(cfg, resume=tmp_path / "run" / "last.pth")
+    resumed.fit()
+    assert_same_weights(final_weights(tmp_path / "ref" / "last.pth"), final_weights(tmp_path / "run" / "last.pth"))
+    assert history(tmp_path / "run") == history(tmp_path / "ref")  # epoch 2's loss covers all its steps, once
+
+
+def test_sigkill_then_resume_alone_matches_uninterrupted_run(tiny_data, tmp_path):
     ref_cfg = tiny_config(tiny_data, tmp_path / "ref")
     save_config(ref_cfg, tmp_path / "ref.yaml")
     done = run_cli("train", "--config", str(tmp_path / "ref.yaml"))
@@ -97,7 +165,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     while time.monotonic() < deadline and proc.poll() is None:
         if last.is_file():
             try:
-                state = torch.load(last, map_location="cpu", weights_only=True)
+                state = torch.load(last, map_location="cpu", weights_only=True)["train_state"]
             except Exception:  # noqa: BLE001 - the file is being replaced; try again
                 continue
             if state["global_step"] >= 6 and state["step_in_epoch"] > 0:  # mid-way through epoch 2
@@ -107,11 +175,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_data, tmp_path):
         time.sleep(0.02)
     proc.wait()
     assert killed_at is not None, "the run finished before it could be killed mid-epoch"
-    resumed = run_cli("train", "--config", str(tmp_path / "killed.yaml"), "--resume", str(last))
+    resumed = run_cli("train", "--resume", str(last))  # alone: the saved config decides everything
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = final_weights(tmp_path / "ref" / "last.pth"), final_weights(last)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=f"{key} differs after resume")
+    assert_same_weights(final_weights(tmp_path / "ref" / "last.pth"), final_weights(last), atol=1e-6)
+    assert [h["epoch"] for h in history(tmp_path / "killed")] == [1, 2, 3]
 
 
 def test_torchrun_two_ranks_equal_single_process(tiny_data, tmp_path):
@@ -131,63 +198,111 @@ def test_torchrun_two_ranks_equal_single_process(tiny_data, tmp_path):
     a, b = final_weights(tmp_path / "single" / "last.pth"), final_weights(tmp_path / "ddp" / "last.pth")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=f"{key}: DDP differs from single")
+    losses = [h["loss"] for h in (history(tmp_path / "single")[0], history(tmp_path / "ddp")[0])]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)  # the logged loss is the mean over ranks
 
 
-def test_resume_refuses_other_model(tiny_data, tmp_path):
-    cfg = tiny_config(tiny_data, tmp_path, epochs=1)
-    Trainer(cfg).fit()
-    other = tiny_config(tiny_data, tmp_path / "other", epochs=2)
+def test_resume_refuses_other_config_by_name(tiny_data, tmp_path):
+    Trainer(tiny_config(tiny_data, tmp_path, epochs=1)).fit()
+    other = tiny_config(tiny_data, tmp_path, epochs=2)
     other.detector.model.num_queries = 12
-    with pytest.raises(ValueError, match="different model config"):
-        Trainer(other).fit(resume=str(tmp_path / "last.pth"))
+    other.optim.lr = 5e-4
+    with pytest.raises(ValueError, match=r"detector\.model\.num_queries: saved 10, given 12; optim\.lr: saved"):
+        Trainer(other, resume=tmp_path / "last.pth")
+    with pytest.raises(ValueError, match="weights only"):
+        Trainer(tiny_config(tiny_data, tmp_path, epochs=2), resume=tmp_path / "best.pth")
 
 
-class FakeClock:
-    """time.monotonic stand-in that advances one second per call: budgets become step counts, not machine speed."""
+def test_run_folder_is_never_overwritten_silently(tiny_data, tmp_path):
+    Trainer(tiny_config(tiny_data, tmp_path, epochs=1)).fit()
+    before = (tmp_path / "last.pth").read_bytes()
+    with pytest.raises(ValueError, match="already holds a run"):
+        Trainer(tiny_config(tiny_data, tmp_path, epochs=1))
+    assert (tmp_path / "last.pth").read_bytes() == before
+    (tmp_path / "notes.txt").write_text("mine")
+    trainer = Trainer(tiny_config(tiny_data, tmp_path, epochs=1, eval_every=5), overwrite=True)
+    trainer.val_set = None  # no evaluation: no best.pth in the new run
+    trainer.fit()
+    assert not (tmp_path / "best.pth").exists() and (tmp_path / "notes.txt").read_text() == "mine"
+    assert len(history(tmp_path)) == 1  # the old run's log line is gone, not appended to
 
-    def __init__(self) -> None:
-        self.now = 0.0
 
-    def __call__(self) -> float:
-        self.now += 1.0
-        return self.now
+def test_non_finite_loss_stops_with_one_line_and_saves_nothing(tiny_data, tmp_path):
+    class NanOnThirdCall(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, outputs, targets):
+            losses = self.inner(outputs, targets)
+            self.calls += 1
+            return {**losses, "loss": losses["loss"] * float("nan")} if self.calls == 3 else losses
+
+    trainer = Trainer(tiny_config(tiny_data, tmp_path, epochs=2, checkpoint_every=1))
+    trainer.criterion = NanOnThirdCall(trainer.criterion)
+    with pytest.raises(FloatingPointError, match="epoch 1 step 3") as err:
+        trainer.fit()
+    assert "\n" not in str(err.value)
+    saved = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert saved["train_state"]["global_step"] == 2
+    assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
 
 
 def test_time_budget_drops_lr_then_stops_mid_epoch(tiny_data, tmp_path, monkeypatch):
-    import ddetr.engine.trainer as trainer_module
+    import ddetr.engine.state as state_module
 
-    cfg = tiny_config(tiny_data, tmp_path, epochs=50, time_budget=7.0, lr_drop_fraction=0.3)
+    class FakeClock:
+        """time.monotonic stand-in advancing one second per call: budgets become call counts, not machine speed."""
+
+        def __init__(self) -> None:
+            self.now = 0.0
+
+        def __call__(self) -> float:
+            self.now += 1.0
+            return self.now
+
+    cfg = tiny_config(tiny_data, tmp_path, epochs=50, time_budget=3.0, lr_drop_fraction=0.5)
     trainer = Trainer(cfg)
     base = [g["lr"] for g in trainer.optimizer.param_groups]
-    monkeypatch.setattr(trainer_module.time, "monotonic", FakeClock())
+    monkeypatch.setattr(state_module.time, "monotonic", FakeClock())
     metrics = trainer.fit()
     steps_per_epoch = 4  # 8 images, batch 2
     # the budget is checked every step: training stopped inside the first epoch, not at an epoch boundary
-    assert trainer.epoch == 1 and 0 < trainer.global_step < steps_per_epoch
-    assert trainer.lr_dropped_by_time
+    assert trainer.state.epoch == 1 and 0 < trainer.state.global_step < steps_per_epoch
+    assert trainer.state.lr_dropped_by_time
     assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([lr * 0.1 for lr in base])
     assert "AP50" in metrics  # evaluated after stopping
 
 
 def test_resuming_a_finished_run_only_evaluates(tiny_data, tmp_path):
-    cfg = tiny_config(tiny_data, tmp_path, epochs=1)
-    Trainer(cfg).fit()
-    before = final_weights(tmp_path / "last.pth")
-    again = Trainer(tiny_config(tiny_data, tmp_path, epochs=1))
-    metrics = again.fit(resume=str(tmp_path / "last.pth"))
-    assert "AP" in metrics and again.global_step == 4
-    for key, value in final_weights(tmp_path / "last.pth").items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    Trainer(tiny_config(tiny_data, tmp_path, epochs=1)).fit()
+    before = (tmp_path / "last.pth").read_bytes()
+    again = Trainer(tiny_config(tiny_data, tmp_path, epochs=1), resume=tmp_path / "last.pth")
+    metrics = again.fit()
+    assert "AP" in metrics and again.state.global_step == 4
+    assert (tmp_path / "last.pth").read_bytes() == before
 
 
-def test_amp_auto_is_bf16_only_where_native(monkeypatch):
-    from ddetr.engine import trainer
-
+def test_amp_auto_is_bf16_only_where_native_and_fp16_needs_a_gpu(monkeypatch):
     cpu = torch.device("cpu")
-    assert trainer.resolve_amp("fp16", cpu) == "fp16" and trainer.resolve_amp("none", cpu) == "none"
+    assert resolve_amp("none", cpu) == "none" and resolve_amp("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="fp16 on cpu"):
+        resolve_amp("fp16", cpu)
     for amx, avx512_bf16, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "none")):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
-        assert trainer.resolve_amp("auto", cpu) == expected
+        assert resolve_amp("auto", cpu) == expected
     with pytest.raises(ValueError, match="auto"):
         TrainConfig(amp="bf32")
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("epochs", 0, "epochs must be >= 1"), ("time_budget", -5.0, "time_budget"), ("device", "tpu", "device"),
+    ("lr_drop_fraction", 1.5, "lr_drop_fraction"), ("checkpoint_every", -1, "checkpoint_every")])
+def test_train_config_checks_its_fields(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+    with pytest.raises(ValueError, match="lr must be"):
+        OptimConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="crop_size"):
+        DataConfig(crop_size=(600, 384))

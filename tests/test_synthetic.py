@@ -10,8 +10,10 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
+from ddetr.cli.data import add_args as add_synth_args
+from ddetr.cli.data import run as run_synth
 from ddetr.data import CocoDetection
-from ddetr.data.synthetic import CLASSES, add_synth_args, generate, run_synth
+from ddetr.data.synthetic import CLASSES, generate
 from ddetr.evaluation import evaluate_coco, to_coco_results
 
 

@@ -34,6 +34,7 @@ def positive_float(text: str) -> float:
 
 
 def probability(text: str) -> float:
+    """A score threshold in [0, 1] (e.g. predict --threshold)."""
     return _number(text, float, 0.0, 1.0, "a number in [0, 1]")
 
 
@@ -58,13 +59,14 @@ def keep_freed_memory_on_cpu(device: str) -> None:
 
     if resolve_device(device).type == "cpu":
         keep_freed_memory()
-        configure_cpu_threads()  # one intra-op thread per usable CPU (affinity, container quota)
+        configure_cpu_threads()  # at most one intra-op thread per usable CPU (affinity, container quota)
 
 
 def add_variant_hints(p: argparse.ArgumentParser) -> None:
     """What an official checkpoint without its ``args`` cannot tell (checked against them when it has them)."""
     p.add_argument("--dilation", action=argparse.BooleanOptionalAction, default=None,
                    help="official single-scale checkpoints without args: DC5 (--dilation) or plain C5 (--no-dilation)")
-    p.add_argument("--nheads", type=int, default=None, help="official checkpoints without args: attention heads (8)")
-    p.add_argument("--num-queries", type=int, default=None,
+    p.add_argument("--nheads", type=positive_int, default=None,
+                   help="official checkpoints without args: attention heads (8)")
+    p.add_argument("--num-queries", type=positive_int, default=None,
                    help="official two-stage checkpoints without args: number of proposals (300)")

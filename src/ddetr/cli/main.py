@@ -8,6 +8,7 @@ import sys
 
 from ddetr.cli import bench, convert, data, demo, export, predict, train, visualize
 from ddetr.cli import eval as eval_
+from ddetr.engine.threads import set_openmp_defaults
 
 DESCRIPTION = "Deformable DETR: train, evaluate, predict, export, convert and inspect detectors."
 # name -> (module with add_args/run, one-line help). Command modules import torch only inside `run`.
@@ -27,8 +28,31 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
+class LogHandler(logging.Handler):
+    """``LEVEL message`` lines on stderr, written around any progress bar (tqdm.write) instead of through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - as logging.StreamHandler: a log line must never stop the program
+            self.handleError(record)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line (the option, the allowed values and where help is), not a usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddetr", description=DESCRIPTION, formatter_class=_Formatter)
+    parser = _Parser(prog="ddetr", description=DESCRIPTION, formatter_class=_Formatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
@@ -44,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_openmp_defaults()  # before any command imports torch: libgomp reads it once, when loaded
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((i for i, tok in enumerate(argv) if not tok.startswith("-")), None)
     passthrough: list[str] = []
@@ -52,13 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         args.bench_args = passthrough
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[LogHandler()])
     try:
         result = args.run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+    except (ValueError, OSError, FloatingPointError) as exc:  # bad input, files, disk, a diverged run: one line
         if args.verbose:
             raise
         print(f"ddetr {args.command}: error: {exc}", file=sys.stderr)

@@ -9,36 +9,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ddetr.cli.common import add_checkpoint_args, add_variant_hints
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a score in [0, 1], got {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
+from ddetr.cli.common import (
+    add_checkpoint_args,
+    add_variant_hints,
+    keep_freed_memory_on_cpu,
+    positive_int,
+    probability,
+)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     add_checkpoint_args(p, required=False)
     p.add_argument("--onnx", help="run an exported ONNX model through onnxruntime instead of a checkpoint")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
-    p.add_argument("--threshold", type=_probability, default=0.3, help="minimum score to keep a detection, in [0, 1]")
-    p.add_argument("--size", type=_positive, help="shorter side at inference (default: the model's)")
-    p.add_argument("--max-size", type=_positive, help="longer side limit at inference (default: the model's)")
+    p.add_argument("--threshold", type=probability, default=0.3, help="minimum score to keep a detection, in [0, 1]")
+    p.add_argument("--size", type=positive_int, help="shorter side at inference (default: the model's)")
+    p.add_argument("--max-size", type=positive_int, help="longer side limit at inference (default: the model's)")
     p.add_argument("--annotations", help="COCO JSON listing these images: coco_results.json then carries its image "
                                          "ids (matched by file name), ready for pycocotools")
-    p.add_argument("--batch-size", type=_positive, default=4, help="images per forward pass")
-    p.add_argument("--workers", type=_positive, default=2, help="threads decoding and resizing images ahead")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="images per forward pass")
+    p.add_argument("--workers", type=positive_int, default=2, help="threads decoding and resizing images ahead")
     p.add_argument("--out", default="predictions", help="folder for results.json, coco_results.json and drawn images")
     p.add_argument("--no-draw", action="store_true", help="only write JSON")
     add_variant_hints(p)
@@ -95,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         raise ValueError(f"no images found in {args.inputs}")
     ids = image_ids_by_name(args.annotations) if args.annotations else None
+    keep_freed_memory_on_cpu("cpu" if args.onnx else args.device)  # also refuses a device that is not here
     if args.onnx:
         detector = Detector.from_onnx(args.onnx, size=args.size, max_size=args.max_size)
     else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ddetr.cli.common import add_checkpoint_args, add_variant_hints, non_negative_int, positive_int
+
 
 def _layer(text: str) -> int | None:
     """'all' -> None (every layer), else a layer index (negative counts from the end)."""
@@ -17,25 +19,24 @@ def _layer(text: str) -> int | None:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True,
-                   help="ddetr checkpoint, official .pth or Hugging Face model folder")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_checkpoint_args(p)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
-    p.add_argument("--top", type=int, default=3,
+    p.add_argument("--top", type=positive_int, default=3,
                    help="number of best detections to draw, with one attention figure each")
     p.add_argument("--layer", type=_layer, default=-1, metavar="K|all",
                    help="attention layer to draw (negative: from the end), or 'all': one panel per layer")
     p.add_argument("--encoder-pixel", type=float, nargs=2, metavar=("X", "Y"),
                    help="also draw the encoder self-attention of this pixel (original-image coordinates)")
-    p.add_argument("--encoder-level", type=int, default=0, help="feature level of the --encoder-pixel query")
+    p.add_argument("--encoder-level", type=non_negative_int, default=0,
+                   help="feature level of the --encoder-pixel query")
     p.add_argument("--color-by", choices=["level", "head"], default="level", help="colour sampling points by")
-    p.add_argument("--size", type=int, help="shorter side at inference (default: the checkpoint's, else 800)")
+    p.add_argument("--size", type=positive_int, help="shorter side at inference (default: the model's)")
     p.add_argument("--out", default="visualize", help="folder for the PNG files")
+    add_variant_hints(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from ddetr.engine.device import resolve_device
     from ddetr.inference import list_images, preprocess, read_image, to_uint8_tensor
     from ddetr.interop import load_model
     from ddetr.viz.attention import (
@@ -47,16 +48,15 @@ def run(args: argparse.Namespace) -> int:
     )
     from ddetr.viz.draw import draw_detections
 
-    if args.top < 1:
-        raise ValueError(f"--top must be >= 1, got {args.top}")
     paths = list_images(args.inputs)
     if not paths:
         raise ValueError(f"no images found in {args.inputs}")
-    model, _, meta = load_model(args.checkpoint)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
+    model, _, meta = load_model(args.checkpoint, dilation=args.dilation, nheads=args.nheads,
+                                num_queries=args.num_queries)
     model = model.to(device).eval()
-    names = meta.get("class_names")
-    size, max_size = args.size or meta.get("val_size") or 800, meta.get("max_size") or 1333
+    names = meta["class_names"]
+    size, max_size = args.size or meta["val_size"], meta["max_size"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ddetr.engine.device import DEVICE_CHOICES, valid_device_name
 from ddetr.engine.optim import OptimConfig
 from ddetr.models.config import DetectorConfig, from_dict, preset
+
+
+def at_least(cfg: Any, name: str, low: int | float) -> None:
+    """One line naming the field when a number field is below its minimum."""
+    value = getattr(cfg, name)
+    if not value >= low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
 
 
 @dataclass
@@ -28,6 +37,18 @@ class DataConfig:
     val_size: int = 800
     num_workers: int = 2
     skip_bad: bool = False  # skip (and count) bad images/annotations instead of failing
+    allow_empty: bool = False  # accept training data without images or boxes (validation data may lack boxes)
+
+    def __post_init__(self) -> None:
+        for name in ("scales", "crop_scales", "crop_size"):
+            values = getattr(self, name)
+            if not values or any(v < 1 for v in values):
+                raise ValueError(f"{name} must be a list of sizes >= 1, got {values!r}")
+        if self.crop_size[0] > self.crop_size[1]:
+            raise ValueError(f"crop_size must be [min, max] with min <= max, got {self.crop_size!r}")
+        for name in ("max_size", "val_size"):
+            at_least(self, name, 1)
+        at_least(self, "num_workers", 0)
 
 
 @dataclass
@@ -47,13 +68,22 @@ class TrainConfig:
     lr_drop_fraction: float = 0.8  # with time_budget: fraction of the budget after which the lr is dropped
     checkpoint_every: int = 0  # also write `last` every N optimiser steps (0: only at epoch ends)
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "accumulate", "eval_every"):
+            at_least(self, name, 1)
+        at_least(self, "checkpoint_every", 0)
         if self.amp not in ("none", "bf16", "fp16", "auto"):
             raise ValueError(f"amp must be none, bf16, fp16 or auto, got {self.amp!r}")
-        if self.batch_size < 1 or self.accumulate < 1 or self.epochs < 1:
-            raise ValueError("batch_size, accumulate and epochs must be >= 1")
+        if self.time_budget is not None and not (math.isfinite(self.time_budget) and self.time_budget > 0):
+            raise ValueError(f"time_budget must be a number of seconds > 0 (or null), got {self.time_budget!r}")
+        if not 0.0 <= self.lr_drop_fraction <= 1.0:
+            raise ValueError(f"lr_drop_fraction must be in [0, 1], got {self.lr_drop_fraction!r}")
+        if not valid_device_name(self.device):
+            raise ValueError(f"device must be {DEVICE_CHOICES}, got {self.device!r}")
+        if not str(self.output_dir).strip():
+            raise ValueError("output_dir must name a folder, got an empty text")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -64,9 +94,9 @@ class TrainConfig:
 
 
 def train_preset(name: str) -> TrainConfig:
-    """The official recipe for the paper presets; a from-scratch CPU recipe for `demo`."""
+    """The official recipe for the paper presets; a from-scratch CPU recipe for `demo` and its `demo-*` variants."""
     cfg = TrainConfig(detector=preset(name))
-    if name == "demo":
+    if name == "demo" or name.startswith("demo-"):
         cfg.data = DataConfig(scales=(224, 256, 288), max_size=384, crop_scales=(192, 224, 256), crop_size=(160, 256),
                               val_size=256, num_workers=1)
         cfg.optim = OptimConfig(lr=4e-4, lr_backbone=4e-4, lr_linear_proj_mult=0.1, weight_decay=1e-4,
@@ -77,5 +107,5 @@ def train_preset(name: str) -> TrainConfig:
         cfg.amp = "auto"
         cfg.epochs = 1000
         cfg.time_budget = 450.0
-        cfg.output_dir = "runs/demo"
+        cfg.output_dir = f"runs/{name}"
     return cfg

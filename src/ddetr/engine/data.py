@@ -34,10 +34,14 @@ def build_datasets(cfg: DataConfig) -> tuple[CocoDetection | None, CocoDetection
         imgs, ann = resolve_paths(cfg.train, cfg.train_images, cfg.train_annotations, "train")
         transforms = train_transforms(scales=cfg.scales, max_size=cfg.max_size, crop_scales=cfg.crop_scales,
                                       crop_size=cfg.crop_size, crop=cfg.crop)
-        train = CocoDetection(imgs, ann, transforms, cfg.skip_bad)
+        train = CocoDetection(imgs, ann, transforms, cfg.skip_bad, allow_empty=cfg.allow_empty)
     if cfg.val or cfg.val_annotations:
         imgs, ann = resolve_paths(cfg.val, cfg.val_images, cfg.val_annotations, "val")
-        val = CocoDetection(imgs, ann, val_transforms(size=cfg.val_size, max_size=cfg.max_size), cfg.skip_bad)
+        # Validation images without any boxes are fine (AP is then NaN), no images at all is not.
+        val = CocoDetection(imgs, ann, val_transforms(size=cfg.val_size, max_size=cfg.max_size), cfg.skip_bad,
+                            allow_empty=True)
+        if not len(val):
+            raise DatasetError(f"{ann}: no images to validate on")
     return train, val
 
 

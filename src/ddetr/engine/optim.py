@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,18 @@ class OptimConfig:
     weight_decay: float = 1e-4
     lr_drop: int = 40
     clip_max_norm: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0 < self.lr <= 1:  # AdamW moves each weight by about lr per step: above 1 it diverges at once
+            raise ValueError(f"lr must be a number in (0, 1], got {self.lr!r}")
+        if not 0 <= self.lr_backbone <= 1:  # 0: the backbone is not trained
+            raise ValueError(f"lr_backbone must be a number in [0, 1], got {self.lr_backbone!r}")
+        for name in ("lr_linear_proj_mult", "weight_decay", "clip_max_norm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if self.lr_drop < 1:
+            raise ValueError(f"lr_drop must be >= 1 epoch, got {self.lr_drop!r}")
 
 
 def param_groups(model: nn.Module, lr: float = 2e-4, lr_backbone: float = 2e-5,
