@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 PROBE = """
 import resource, sys, torch
@@ -40,6 +41,7 @@ def test_cli_applies_it_to_cpu_runs_only(monkeypatch):
 
     calls = []
     monkeypatch.setattr(malloc, "keep_freed_memory", lambda: calls.append(True) or True)
+    monkeypatch.setattr("ddetr.engine.device.resolve_device", lambda name: torch.device(name))  # as if a GPU
     keep_freed_memory_on_cpu("cuda")
     assert calls == []
     keep_freed_memory_on_cpu("cpu")

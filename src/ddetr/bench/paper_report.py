@@ -179,7 +179,8 @@ def draw_attention(checkpoint: Path, val_dir: Path, out: Path, device: str) -> N
     best = max(images, key=lambda img: (counts[img["id"]], -img["id"]))
     boxes = [a["bbox"] for a in annotations if a["image_id"] == best["id"]]
     x, y, w, h = max(boxes, key=lambda b: b[2] * b[3]) if boxes else (0, 0, best["width"], best["height"])
-    args = argparse.Namespace(checkpoint=str(checkpoint), device=device, inputs=[str(val_dir / "images" /
-                              best["file_name"])], top=3, layer=-1, encoder_pixel=[x + w / 2, y + h / 2],
-                              encoder_level=0, color_by="level", size=None, out=str(out))
-    visualize.run(args)
+    parser = argparse.ArgumentParser()
+    visualize.add_args(parser)  # the command's own defaults, so this call never misses an option
+    visualize.run(parser.parse_args(["--checkpoint", str(checkpoint), "--device", device, "--top", "3",
+                                     "--encoder-pixel", str(x + w / 2), str(y + h / 2), "--out", str(out),
+                                     str(val_dir / "images" / best["file_name"])]))
