@@ -5,10 +5,12 @@ import torch
 import torch.distributed as dist
 from torchvision.ops import generalized_box_iou, sigmoid_focal_loss
 
+from ddetr.models.config import LossConfig
 from ddetr.models.criterion import SetCriterion
 from ddetr.models.matcher import HungarianMatcher
 
 NUM_CLASSES = 4
+LOSS = LossConfig()
 
 
 class FixedMatcher:
@@ -63,7 +65,7 @@ def test_losses_from_known_matches():
     gen = torch.Generator().manual_seed(0)
     outputs, targets = _layer(2, 5, gen), _targets([3, 2], gen)
     indices = [([4, 0, 2], [1, 2, 0]), ([1, 3], [0, 1])]
-    losses = SetCriterion(NUM_CLASSES, FixedMatcher(indices))(outputs, targets)
+    losses = SetCriterion(NUM_CLASSES, FixedMatcher(indices), LOSS)(outputs, targets)
     expected, onehot = _reference_losses(outputs, targets, [(torch.tensor(r), torch.tensor(c)) for r, c in indices], 5)
     for key, value in expected.items():
         assert losses[key].item() == pytest.approx(value, rel=1e-5)
@@ -75,7 +77,7 @@ def test_giou_loss_equals_torchvision_diagonal():
     gen = torch.Generator().manual_seed(1)
     outputs, targets = _layer(1, 4, gen), _targets([4], gen)
     indices = [([0, 1, 2, 3], [3, 2, 1, 0])]
-    losses = SetCriterion(NUM_CLASSES, FixedMatcher(indices))(outputs, targets)
+    losses = SetCriterion(NUM_CLASSES, FixedMatcher(indices), LOSS)(outputs, targets)
     src = _xyxy(outputs["pred_boxes"][0].detach())
     tgt = _xyxy(targets[0]["boxes"][[3, 2, 1, 0]])
     expected = (1 - torch.diag(generalized_box_iou(src, tgt))).sum() / 4
@@ -89,8 +91,9 @@ def test_hungarian_losses_aux_enc_and_weighted_total():
     outputs["aux_outputs"] = [_layer(3, 6, gen) for _ in range(2)]
     outputs["enc_outputs"] = _layer(3, 10, gen)
     weights = {"loss_ce": 1.5, "loss_bbox": 3.0, "loss_giou": 0.5}
-    matcher = HungarianMatcher()
-    losses = SetCriterion(NUM_CLASSES, matcher, loss_weights=weights)(outputs, targets)
+    cfg = LossConfig(cls_loss_coef=1.5, bbox_loss_coef=3.0, giou_loss_coef=0.5)
+    matcher = HungarianMatcher(cfg)
+    losses = SetCriterion(NUM_CLASSES, matcher, cfg)(outputs, targets)
 
     suffixes = ["", "_0", "_1", "_enc"]
     expected_keys = {f"{name}{s}" for name in weights for s in suffixes} | {"loss", "class_error"}
@@ -113,7 +116,7 @@ def test_gradients_reach_every_layer():
     outputs, targets = _layer(2, 5, gen), _targets([2, 3], gen)
     outputs["aux_outputs"] = [_layer(2, 5, gen)]
     outputs["enc_outputs"] = _layer(2, 8, gen)
-    SetCriterion(NUM_CLASSES, HungarianMatcher())(outputs, targets)["loss"].backward()
+    SetCriterion(NUM_CLASSES, HungarianMatcher(LOSS), LOSS)(outputs, targets)["loss"].backward()
     for layer in (outputs, outputs["aux_outputs"][0], outputs["enc_outputs"]):
         assert layer["pred_logits"].grad.abs().sum() > 0
         assert layer["pred_boxes"].grad.abs().sum() > 0
@@ -122,7 +125,7 @@ def test_gradients_reach_every_layer():
 def test_no_targets_gives_background_only_loss():
     gen = torch.Generator().manual_seed(4)
     outputs, targets = _layer(2, 5, gen), _targets([0, 0], gen)
-    losses = SetCriterion(NUM_CLASSES, HungarianMatcher())(outputs, targets)
+    losses = SetCriterion(NUM_CLASSES, HungarianMatcher(LOSS), LOSS)(outputs, targets)
     expected = sigmoid_focal_loss(outputs["pred_logits"].detach(), torch.zeros(2, 5, NUM_CLASSES), reduction="sum")
     assert losses["loss_ce"].item() == pytest.approx(expected.item(), rel=1e-5)  # num_boxes clamped to 1
     assert losses["loss_bbox"].item() == 0 and losses["loss_giou"].item() == 0
@@ -136,17 +139,17 @@ def test_class_error():
     logits[0, 0, 1] = logits[0, 1, 2] = logits[0, 2, 3] = logits[0, 3, 0] = 5.0  # argmax per query: 1, 2, 3, 0
     outputs = {"pred_logits": logits, "pred_boxes": torch.full((1, 4, 4), 0.3)}
     targets = [{"labels": torch.tensor([1, 2, 0, 0]), "boxes": torch.full((4, 4), 0.3)}]
-    losses = SetCriterion(NUM_CLASSES, FixedMatcher([([0, 1, 2, 3], [0, 1, 2, 3])]))(outputs, targets)
+    losses = SetCriterion(NUM_CLASSES, FixedMatcher([([0, 1, 2, 3], [0, 1, 2, 3])]), LOSS)(outputs, targets)
     assert losses["class_error"].item() == pytest.approx(25.0)
 
 
 def test_fp32_under_autocast():
     gen = torch.Generator().manual_seed(5)
     outputs, targets = _layer(2, 5, gen, grad=False), _targets([2, 1], gen)
-    reference = SetCriterion(NUM_CLASSES, HungarianMatcher())(outputs, targets)
+    reference = SetCriterion(NUM_CLASSES, HungarianMatcher(LOSS), LOSS)(outputs, targets)
     low = {k: v.bfloat16() for k, v in outputs.items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = SetCriterion(NUM_CLASSES, HungarianMatcher())(low, targets)
+        losses = SetCriterion(NUM_CLASSES, HungarianMatcher(LOSS), LOSS)(low, targets)
     assert all(v.dtype == torch.float32 for v in losses.values())
     assert losses["loss"].item() == pytest.approx(reference["loss"].item(), rel=2e-2)
 
@@ -159,15 +162,15 @@ def test_num_boxes_is_averaged_across_processes(monkeypatch):
     gen = torch.Generator().manual_seed(6)
     outputs, targets = _layer(1, 4, gen), _targets([3], gen)
     indices = [([0, 1, 2], [0, 1, 2])]
-    losses = SetCriterion(NUM_CLASSES, FixedMatcher(indices))(outputs, targets)
+    losses = SetCriterion(NUM_CLASSES, FixedMatcher(indices), LOSS)(outputs, targets)
     expected, _ = _reference_losses(outputs, targets, [(torch.tensor(r), torch.tensor(c)) for r, c in indices], 5)
     assert losses["loss_bbox"].item() == pytest.approx(expected["loss_bbox"], rel=1e-5)
 
 
 def test_bad_config_and_class_count_raise():
-    with pytest.raises(ValueError, match="loss_weights needs exactly the keys"):
-        SetCriterion(NUM_CLASSES, HungarianMatcher(), loss_weights={"loss_ce": 1.0})
+    with pytest.raises(ValueError, match="all costs are 0"):
+        HungarianMatcher(LossConfig(cost_class=0.0, cost_bbox=0.0, cost_giou=0.0))
     gen = torch.Generator().manual_seed(7)
     outputs, targets = _layer(1, 4, gen), _targets([1], gen)
     with pytest.raises(ValueError, match="has 4 classes, expected 3"):
-        SetCriterion(3, HungarianMatcher())(outputs, targets)
+        SetCriterion(3, HungarianMatcher(LOSS), LOSS)(outputs, targets)

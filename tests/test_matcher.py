@@ -6,7 +6,10 @@ import pytest
 import torch
 from torchvision.ops import generalized_box_iou
 
+from ddetr.models.config import LossConfig
 from ddetr.models.matcher import HungarianMatcher
+
+MATCHER = HungarianMatcher(LossConfig())
 
 
 def _random_boxes(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -60,7 +63,7 @@ def test_matches_brute_force(seed):
     num_queries = int(torch.randint(1, 7, (1,), generator=gen))
     sizes = [int(torch.randint(0, 5, (1,), generator=gen)) for _ in range(3)]
     outputs, targets = _make_case(sizes, num_queries, num_classes=5, seed=seed)
-    indices = HungarianMatcher()(outputs, targets)
+    indices = MATCHER(outputs, targets)
     assert len(indices) == len(targets)
     for b, ((rows, cols), tgt) in enumerate(zip(indices, targets)):
         assert rows.dtype == cols.dtype == torch.int64
@@ -76,7 +79,8 @@ def test_matches_brute_force(seed):
 
 def test_custom_weights_change_the_objective():
     outputs, targets = _make_case([4], 6, num_classes=3, seed=7)
-    matcher = HungarianMatcher(cost_class=0.5, cost_bbox=1.0, cost_giou=3.0, focal_alpha=0.4, focal_gamma=1.0)
+    cfg = LossConfig(cost_class=0.5, cost_bbox=1.0, cost_giou=3.0, focal_alpha=0.4, focal_gamma=1.0)
+    matcher = HungarianMatcher(cfg)
     rows, cols = matcher(outputs, targets)[0]
     cost = _reference_cost(outputs["pred_logits"][0], outputs["pred_boxes"][0], targets[0]["labels"],
                            targets[0]["boxes"], wc=0.5, wb=1.0, wg=3.0, alpha=0.4, gamma=1.0)
@@ -87,13 +91,13 @@ def test_obvious_assignment():
     boxes = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.5, 0.5, 0.2, 0.2], [0.8, 0.8, 0.1, 0.1]]])
     logits = torch.zeros(1, 3, 2)
     targets = [{"labels": torch.tensor([1, 0]), "boxes": torch.tensor([[0.8, 0.8, 0.1, 0.1], [0.2, 0.2, 0.1, 0.1]])}]
-    rows, cols = HungarianMatcher()({"pred_logits": logits, "pred_boxes": boxes}, targets)[0]
+    rows, cols = MATCHER({"pred_logits": logits, "pred_boxes": boxes}, targets)[0]
     assert dict(zip(rows.tolist(), cols.tolist())) == {0: 1, 2: 0}
 
 
 def test_empty_targets():
     outputs, targets = _make_case([0, 0], 5, num_classes=4, seed=1)
-    indices = HungarianMatcher()(outputs, targets)
+    indices = MATCHER(outputs, targets)
     assert len(indices) == 2
     for rows, cols in indices:
         assert rows.numel() == cols.numel() == 0 and rows.dtype == cols.dtype == torch.int64
@@ -103,10 +107,10 @@ def test_half_precision_logits_are_costed_in_fp32():
     # sigmoid(-30) underflows to 0 in fp16, where log(0 + 1e-8) is -inf; fp32 costs must stay finite.
     outputs, targets = _make_case([3], 5, num_classes=4, seed=2)
     outputs["pred_logits"][0, :2] = -30.0
-    expected = HungarianMatcher()(outputs, targets)[0]
+    expected = MATCHER(outputs, targets)[0]
     half = {"pred_logits": outputs["pred_logits"].half(), "pred_boxes": outputs["pred_boxes"].half()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        rows, cols = HungarianMatcher()(half, targets)[0]
+        rows, cols = MATCHER(half, targets)[0]
     assert torch.equal(rows, expected[0]) and torch.equal(cols, expected[1])
 
 
@@ -116,13 +120,13 @@ def test_non_finite_predictions_raise(key, bad):
     outputs, targets = _make_case([2, 1], 4, num_classes=3, seed=3)
     outputs[key][1, 2, 0] = bad
     with pytest.raises(ValueError, match="non-finite predictions reached the matcher"):
-        HungarianMatcher()(outputs, targets)
+        MATCHER(outputs, targets)
 
 
 def test_bad_labels_and_batch_raise():
     outputs, targets = _make_case([2], 4, num_classes=3, seed=4)
     targets[0]["labels"] = torch.tensor([0, 3])
     with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
-        HungarianMatcher()(outputs, targets)
+        MATCHER(outputs, targets)
     with pytest.raises(ValueError, match="2 targets for a batch of 1"):
-        HungarianMatcher()(outputs, targets * 2)
+        MATCHER(outputs, targets * 2)

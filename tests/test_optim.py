@@ -36,7 +36,7 @@ def _expected_group(name):
 
 def test_each_trainable_parameter_in_exactly_one_group():
     model = ToyModel()
-    groups = param_groups(model, lr=1e-3, lr_backbone=3e-5, lr_linear_proj_mult=0.5)
+    groups = param_groups(model, OptimConfig(lr=1e-3, lr_backbone=3e-5, lr_linear_proj_mult=0.5))
     lrs = {g["name"]: g["lr"] for g in groups}
     assert lrs == {"main": 1e-3, "backbone": 3e-5, "linear_proj": pytest.approx(5e-4)}
     owner = {}
@@ -56,7 +56,7 @@ def test_backbone_wins_over_linear_proj_names():
     model = nn.Module()
     model.backbone = nn.Module()
     model.backbone.sampling_offsets = nn.Linear(2, 2)
-    groups = {g["name"]: g["params"] for g in param_groups(model)}
+    groups = {g["name"]: g["params"] for g in param_groups(model, OptimConfig())}
     assert len(groups["backbone"]) == 2 and not groups["linear_proj"] and not groups["main"]
 
 
@@ -92,6 +92,6 @@ def test_frozen_backbone_leaves_an_empty_group_that_still_steps():
 def test_errors():
     model = ToyModel().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        param_groups(model)
+        param_groups(model, OptimConfig())
     with pytest.raises(ValueError, match="lr_drop must be >= 1"):
         build_scheduler(torch.optim.AdamW(nn.Linear(1, 1).parameters()), 0)

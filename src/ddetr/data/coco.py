@@ -69,15 +69,6 @@ class CocoDetection(Dataset):
     def num_classes(self) -> int:
         return len(self.category_ids)
 
-    def label_to_category_id(self, label: int) -> int:
-        """COCO category id of a contiguous label."""
-        return self.category_ids[int(label)]
-
-    @property
-    def undecodable_image_ids(self) -> list[int]:
-        """Ids of the images that failed to decode so far (with skip_bad), in any process using this dataset."""
-        return [r.id for r, bad in zip(self._records, self._undecodable) if bad]
-
     @property
     def skipped(self) -> Counter[str]:
         """Bad entries skipped at load time by kind, plus "undecodable images" met since (with skip_bad)."""

@@ -10,7 +10,6 @@ from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_SCALES = tuple(range(480, 801, 32))
 
 
 def resized_size(height: int, width: int, size: int, max_size: int | None = None) -> tuple[int, int]:
@@ -100,16 +99,11 @@ def _finish() -> list:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD), ToModelFormat()]
 
 
-def train_transforms(
-    scales: Sequence[int] = DEFAULT_SCALES,
-    max_size: int = 1333,
-    crop_scales: Sequence[int] = (400, 500, 600),
-    crop_size: tuple[int, int] = (384, 600),
-    crop: bool = True,
-) -> v2.Compose:
+def train_transforms(scales: Sequence[int], max_size: int, crop_scales: Sequence[int], crop_size: tuple[int, int],
+                     crop: bool) -> v2.Compose:
     """Paper augmentation: flip, then either multi-scale resize or resize -> random crop -> multi-scale resize.
 
-    ``crop=False`` keeps only the flip and the multi-scale resize.
+    ``crop=False`` keeps only the flip and the multi-scale resize. The paper's sizes are `DataConfig`'s defaults.
     """
     if not crop:
         return v2.Compose([v2.ToImage(), v2.RandomHorizontalFlip(0.5), RandomShortSideResize(scales, max_size),
@@ -129,7 +123,7 @@ def train_transforms(
     ])
 
 
-def val_transforms(size: int = 800, max_size: int = 1333) -> v2.Compose:
+def val_transforms(size: int, max_size: int) -> v2.Compose:
     """Evaluation transform: shorter side to `size`, longer side at most `max_size`."""
     return v2.Compose([v2.ToImage(), RandomShortSideResize([size], max_size), *_finish()])
 

@@ -90,8 +90,7 @@ class EpochSampler(Sampler[int]):
         return len(self.indices())
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
-                drop_last: bool = False) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int) -> DataLoader:
     sampler = EpochSampler(len(dataset), shuffle, seed, pad=shuffle)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate, drop_last=drop_last, persistent_workers=False)
+                      collate_fn=collate, persistent_workers=False)

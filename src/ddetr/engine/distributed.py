@@ -46,16 +46,6 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    """Average a dict of floats across ranks (for logging)."""
-    if not is_dist() or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / world_size() for k, v in zip(keys, t.tolist())}
-
-
 def barrier() -> None:
     if is_dist():
         dist.barrier()

@@ -33,26 +33,27 @@ class OptimConfig:
             raise ValueError(f"lr_drop must be >= 1 epoch, got {self.lr_drop!r}")
 
 
-def param_groups(model: nn.Module, lr: float = 2e-4, lr_backbone: float = 2e-5,
-                 lr_linear_proj_mult: float = 0.1,
-                 backbone_names: tuple[str, ...] = ("backbone.",),
-                 linear_proj_names: tuple[str, ...] = ("reference_points", "sampling_offsets")) -> list[dict]:
+BACKBONE_NAMES = ("backbone.",)
+LINEAR_PROJ_NAMES = ("reference_points", "sampling_offsets")
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Split trainable parameters into main / backbone / linear_proj groups by substring match on their names.
 
     A name matching both lists goes to the backbone group. All three groups are always returned (possibly empty)
     so that group indices stay the same across configurations and checkpoints.
     """
     groups = {
-        "main": {"name": "main", "params": [], "lr": lr},
-        "backbone": {"name": "backbone", "params": [], "lr": lr_backbone},
-        "linear_proj": {"name": "linear_proj", "params": [], "lr": lr * lr_linear_proj_mult},
+        "main": {"name": "main", "params": [], "lr": cfg.lr},
+        "backbone": {"name": "backbone", "params": [], "lr": cfg.lr_backbone},
+        "linear_proj": {"name": "linear_proj", "params": [], "lr": cfg.lr * cfg.lr_linear_proj_mult},
     }
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if any(key in name for key in backbone_names):
+        if any(key in name for key in BACKBONE_NAMES):
             groups["backbone"]["params"].append(param)
-        elif any(key in name for key in linear_proj_names):
+        elif any(key in name for key in LINEAR_PROJ_NAMES):
             groups["linear_proj"]["params"].append(param)
         else:
             groups["main"]["params"].append(param)
@@ -63,8 +64,7 @@ def param_groups(model: nn.Module, lr: float = 2e-4, lr_backbone: float = 2e-5,
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW (decoupled weight decay on every parameter, as official) over ``param_groups``."""
-    groups = param_groups(model, cfg.lr, cfg.lr_backbone, cfg.lr_linear_proj_mult)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, lr_drop: int,

@@ -18,24 +18,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from ddetr.engine import checkpoint as ckpt_io
 from ddetr.interop import hf, official
 from ddetr.interop.meta import label_meta, read_sidecar, write_sidecar
 from ddetr.models.config import DetectorConfig, ModelConfig
 from ddetr.models.deformable_detr import DeformableDETR
 
 Tensors = dict[str, torch.Tensor]
-FORMAT, VERSION = "ddetr", 1
 _HEAD = re.compile(r"^(class_embed|bbox_embed)\.(\d+)\.(.+)$")
 
 
 def _torch_load(path: Path) -> Any:
     """torch.load with weights_only (`ddetr.engine.checkpoint.load_torch`: one-line errors, no unsafe advice);
     argparse.Namespace (official checkpoints store their args) is allowed; a dict that says it is ours is checked."""
-    from ddetr.engine.checkpoint import check_ddetr_layout, load_torch
-
-    ckpt = load_torch(path, allowed=(argparse.Namespace,))
+    ckpt = ckpt_io.load_torch(path, allowed=(argparse.Namespace,))
     if isinstance(ckpt, dict):
-        check_ddetr_layout(ckpt, path)
+        ckpt_io.check_ddetr_layout(ckpt, path)
     return ckpt
 
 
@@ -77,7 +75,7 @@ def read_checkpoint(path: str | Path, dilation: bool | None = None, nheads: int 
         ckpt = _torch_load(path)
         if not isinstance(ckpt, dict):
             raise ValueError(f"{path}: expected a checkpoint dictionary, got {type(ckpt).__name__}")
-        if ckpt.get("format") != FORMAT:
+        if ckpt.get("format") != ckpt_io.FORMAT:
             return _read_official(ckpt, path, dilation, nheads, num_queries)
         state, cfg, meta = _read_ddetr(ckpt, path)
     _check_hints(cfg.model, str(path), dilation=dilation, nheads=nheads, num_queries=num_queries)
@@ -122,8 +120,7 @@ def _read_official(ckpt: dict[str, Any], path: Path, dilation: bool | None, nhea
 
 
 def _read_ddetr(ckpt: dict[str, Any], path: Path) -> tuple[Tensors, DetectorConfig, dict[str, Any]]:
-    if ckpt.get("version") != VERSION:
-        raise ValueError(f"{path}: ddetr checkpoint version {ckpt.get('version')!r} is not supported ({VERSION})")
+    """A ddetr checkpoint dictionary already checked by `check_ddetr_layout` (format, version, config)."""
     cfg = DetectorConfig.from_dict(ckpt["config"])
     data = (ckpt.get("train_config") or {}).get("data") or {}
     size, max_size = ckpt.get("val_size") or data.get("val_size"), ckpt.get("max_size") or data.get("max_size")
@@ -134,22 +131,18 @@ def _read_ddetr(ckpt: dict[str, Any], path: Path) -> tuple[Tensors, DetectorConf
 
 
 def _is_ddetr_safetensors(path: Path) -> bool:
-    from ddetr.engine.checkpoint import safetensors_metadata
-
-    return safetensors_metadata(path).get("format") == FORMAT
+    return ckpt_io.safetensors_metadata(path).get("format") == ckpt_io.FORMAT
 
 
 def _read_ddetr_safetensors(path: Path) -> tuple[Tensors, DetectorConfig, dict[str, Any]]:
-    from ddetr.engine.checkpoint import check_ddetr_layout, load_safetensors, safetensors_metadata
-
-    info = safetensors_metadata(path)
+    info = ckpt_io.safetensors_metadata(path)
     try:
-        ckpt = {"format": FORMAT, "version": int(info.get("version", 0)), "config": json.loads(info["config"]),
+        ckpt = {"format": ckpt_io.FORMAT, "version": int(info.get("version", 0)), "config": json.loads(info["config"]),
                 **{k: json.loads(info.get(k, "null")) for k in ("class_names", "category_ids", "val_size", "max_size")}}
     except (KeyError, ValueError) as exc:
         raise ValueError(f"{path}: damaged ddetr metadata in the safetensors header ({exc!r})") from None
-    ckpt["model"] = load_safetensors(path)
-    check_ddetr_layout(ckpt, path)
+    ckpt["model"] = ckpt_io.load_safetensors(path)
+    ckpt_io.check_ddetr_layout(ckpt, path)
     return _read_ddetr(ckpt, path)
 
 
@@ -255,8 +248,9 @@ def save_ddetr(model: DeformableDETR, cfg: DetectorConfig | ModelConfig, path: s
         from safetensors.torch import save_file
 
         # Shared per-layer heads are one tensor in memory; safetensors wants each stored separately.
-        info = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(cfg.to_dict()),
+        info = {"format": ckpt_io.FORMAT, "version": str(ckpt_io.VERSION), "config": json.dumps(cfg.to_dict()),
                 **{k: json.dumps(v) for k, v in meta.items()}}
         save_file({k: v.clone() for k, v in state.items()}, path, metadata=info)
         return
-    torch.save({"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "model": state, **meta}, path)
+    torch.save({"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "config": cfg.to_dict(), "model": state,
+                **meta}, path)

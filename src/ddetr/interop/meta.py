@@ -13,16 +13,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ddetr.engine.config import DataConfig
 from ddetr.interop.official import coco_class_names
 
-DEFAULT_SIZE, DEFAULT_MAX_SIZE = 800, 1333  # the official val resize
 META_KEYS = ("class_names", "category_ids", "val_size", "max_size")
 
 
 def label_meta(num_classes: int, class_names: Sequence[str] | None = None, category_ids: Sequence[int] | None = None,
                val_size: int | None = None, max_size: int | None = None, source: str = "checkpoint",
                ) -> dict[str, Any]:
-    """The four meta keys, checked: ids default to the label index, names to COCO's (91 classes) or the id."""
+    """The four meta keys, checked: ids default to the label index, names to COCO's (91 classes) or the id, sizes
+    to `DataConfig`'s (the official val resize)."""
     ids = list(range(num_classes)) if category_ids is None else [int(i) for i in category_ids]
     if len(ids) != num_classes or len(set(ids)) != len(ids):
         raise ValueError(f"{source}: category ids {ids[:8]}... must be {num_classes} distinct integers, one per "
@@ -33,8 +34,8 @@ def label_meta(num_classes: int, class_names: Sequence[str] | None = None, categ
     names = [str(n) for n in class_names]
     if len(names) != num_classes:
         raise ValueError(f"{source}: {len(names)} class names for {num_classes} class logits")
-    return {"class_names": names, "category_ids": ids, "val_size": int(val_size or DEFAULT_SIZE),
-            "max_size": int(max_size or DEFAULT_MAX_SIZE)}
+    return {"class_names": names, "category_ids": ids, "val_size": int(val_size or DataConfig.val_size),
+            "max_size": int(max_size or DataConfig.max_size)}
 
 
 def sidecar_path(checkpoint: str | Path) -> Path:

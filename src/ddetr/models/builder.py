@@ -12,10 +12,8 @@ from ddetr.models.postprocess import PostProcess
 
 
 def build_criterion(cfg: DetectorConfig) -> SetCriterion:
-    loss = cfg.loss
-    matcher = HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, loss.focal_alpha, loss.focal_gamma)
-    weights = {"loss_ce": loss.cls_loss_coef, "loss_bbox": loss.bbox_loss_coef, "loss_giou": loss.giou_loss_coef}
-    return SetCriterion(cfg.model.num_classes, matcher, weights, loss.focal_alpha, loss.focal_gamma)
+    """The set criterion with its Hungarian matcher, both from ``cfg.loss`` (`build` applies ``aux_loss``)."""
+    return SetCriterion(cfg.model.num_classes, HungarianMatcher(cfg.loss), cfg.loss)
 
 
 def build(cfg: DetectorConfig, backbone_weights: bool = True) -> tuple[DeformableDETR, nn.Module, PostProcess]:

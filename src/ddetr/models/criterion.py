@@ -9,9 +9,8 @@ from torch import nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from ddetr.models.box_ops import box_cxcywh_to_xyxy
+from ddetr.models.config import LossConfig
 from ddetr.models.matcher import HungarianMatcher
-
-DEFAULT_LOSS_WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
 
 
 class SetCriterion(nn.Module):
@@ -21,17 +20,13 @@ class SetCriterion(nn.Module):
     for the encoder), the log-only ``class_error`` and ``loss``, the weighted total to backpropagate.
     """
 
-    def __init__(self, num_classes: int, matcher: HungarianMatcher, loss_weights: dict[str, float] | None = None,
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> None:
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, cfg: LossConfig) -> None:
         super().__init__()
-        weights = dict(DEFAULT_LOSS_WEIGHTS if loss_weights is None else loss_weights)
-        if set(weights) != set(DEFAULT_LOSS_WEIGHTS):
-            raise ValueError(f"loss_weights needs exactly the keys {sorted(DEFAULT_LOSS_WEIGHTS)}, "
-                             f"got {sorted(weights)}")
         self.num_classes = num_classes
         self.matcher = matcher
-        self.loss_weights = weights
-        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.loss_weights = {"loss_ce": cfg.cls_loss_coef, "loss_bbox": cfg.bbox_loss_coef,
+                             "loss_giou": cfg.giou_loss_coef}
+        self.focal_alpha, self.focal_gamma = cfg.focal_alpha, cfg.focal_gamma
 
     def forward(self, outputs: dict, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Compute all losses in fp32 (autocast off) and their weighted sum under the key ``loss``."""

@@ -7,6 +7,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from ddetr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from ddetr.models.config import LossConfig
 
 
 class HungarianMatcher(nn.Module):
@@ -16,13 +17,12 @@ class HungarianMatcher(nn.Module):
     even under autocast so that half-precision logits cannot push NaN or inf into scipy.
     """
 
-    def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> None:
+    def __init__(self, cfg: LossConfig) -> None:
         super().__init__()
-        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+        if cfg.cost_class == 0 and cfg.cost_bbox == 0 and cfg.cost_giou == 0:
             raise ValueError("HungarianMatcher: all costs are 0, the matching would be arbitrary")
-        self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
-        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.cost_class, self.cost_bbox, self.cost_giou = cfg.cost_class, cfg.cost_bbox, cfg.cost_giou
+        self.focal_alpha, self.focal_gamma = cfg.focal_alpha, cfg.focal_gamma
 
     @torch.no_grad()
     def forward(self, outputs: dict[str, torch.Tensor],
