@@ -1,4 +1,4 @@
-"""`ddetr bench op | model | paper-claims ...`: the benchmarks of ddetr.bench, from the installed package."""
+"""`ddetr bench op | model | paper-claims | contention | predict`: the benchmarks of ddetr.bench."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "model": ("model", "the whole detector next to HF's: inference, bf16 and one training step"),
     "paper-claims": ("paper_claims", "the paper's Table 1/2 and convergence claims in miniature (demo-* presets)"),
     "contention": ("contention", "a training step on a quiet CPU and next to a busy process, per thread setting"),
+    "predict": ("predict", "images/s of the predict loop (batched, threads decoding ahead) vs one at a time"),
 }
 
 

@@ -19,7 +19,7 @@ COMMANDS = {
     "export": (export, "Export a checkpoint to ONNX."),
     "convert": (convert, "Convert weights between ddetr, official and Hugging Face formats."),
     "visualize": (visualize, "Draw detections and the sampling points / attention of queries."),
-    "bench": (bench, "Time the deformable attention backends side by side."),
+    "bench": (bench, "Benchmarks side by side with their references: op, model, paper-claims, contention, predict."),
     "demo": (demo, "The main job: synthetic data -> train the demo preset on CPU -> evaluate -> draw predictions."),
 }
 
