@@ -17,10 +17,9 @@ import torch
 
 from ddetr.data.synthetic import generate
 from ddetr.engine import trainer as trainer_module
-from ddetr.engine.config import DataConfig, TrainConfig
+from ddetr.engine.config import DataConfig, OptimConfig, TrainConfig
 from ddetr.engine.data import make_loader
 from ddetr.engine.device import resolve_amp
-from ddetr.engine.optim import OptimConfig
 from ddetr.engine.state import TrainState
 from ddetr.engine.trainer import Trainer
 from ddetr.models.config import DetectorConfig, ModelConfig, save_config

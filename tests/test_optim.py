@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from ddetr.engine.optim import OptimConfig, build_optimizer, build_scheduler, param_groups
+from ddetr.engine.config import OptimConfig
+from ddetr.engine.optim import build_optimizer, build_scheduler, param_groups
 
 
 class ToyAttention(nn.Module):

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ddetr.engine.device import DEVICE_CHOICES, valid_device_name
-from ddetr.engine.optim import OptimConfig
 from ddetr.models.config import DetectorConfig, from_dict, preset
 
 
@@ -17,6 +16,30 @@ def at_least(cfg: Any, name: str, low: int | float) -> None:
     value = getattr(cfg, name)
     if not value >= low:
         raise ValueError(f"{name} must be >= {low}, got {value!r}")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser settings; defaults are the official Deformable DETR recipe."""
+
+    lr: float = 2e-4
+    lr_backbone: float = 2e-5
+    lr_linear_proj_mult: float = 0.1
+    weight_decay: float = 1e-4
+    lr_drop: int = 40
+    clip_max_norm: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0 < self.lr <= 1:  # AdamW moves each weight by about lr per step: above 1 it diverges at once
+            raise ValueError(f"lr must be a number in (0, 1], got {self.lr!r}")
+        if not 0 <= self.lr_backbone <= 1:  # 0: the backbone is not trained
+            raise ValueError(f"lr_backbone must be a number in [0, 1], got {self.lr_backbone!r}")
+        for name in ("lr_linear_proj_mult", "weight_decay", "clip_max_norm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if self.lr_drop < 1:
+            raise ValueError(f"lr_drop must be >= 1 epoch, got {self.lr_drop!r}")
 
 
 @dataclass
