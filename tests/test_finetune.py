@@ -102,3 +102,27 @@ def test_architecture_mismatch_and_bad_requests_are_refused(tmp_path):
                         match_names=True)
     with pytest.raises(ValueError, match="3 class names for a model with 4 classes"):
         load_pretrained(model(num_classes=4), path, class_names=["x", "y", "z"])
+
+
+def test_training_from_a_checkpoint_needs_no_imagenet_file(tmp_path, monkeypatch):
+    """--pretrained brings every weight, the backbone's included: an offline machine without torchvision's ImageNet
+    file can fine-tune a paper preset (whose pretrained_backbone is "imagenet")."""
+    from ddetr.data.synthetic import generate
+    from ddetr.engine.config import TrainConfig
+    from ddetr.engine.trainer import Trainer
+    from ddetr.models.backbone import Backbone
+
+    def offline(self, weights):
+        raise AssertionError(f"ImageNet backbone weights requested ({weights})")
+
+    monkeypatch.setattr(Backbone, "load_pretrained", offline)
+    generate(tmp_path / "d", num_train=2, num_val=0, image_size=32, min_objects=1, max_objects=1)
+    _, path = pretrained(tmp_path, ["a", "b"])
+    cfg = TrainConfig(detector=preset("deformable-detr-refine", **{**SMALL, "num_classes": 2}),
+                      output_dir=str(tmp_path / "run"))
+    cfg.data.train = str(tmp_path / "d" / "train")
+    assert cfg.detector.model.pretrained_backbone == "imagenet"
+    trainer = Trainer(cfg, pretrained=path)
+    assert trainer.model.backbone.body.conv1.weight.shape[0] == 64
+    with pytest.raises(AssertionError, match="ImageNet backbone weights requested"):
+        Trainer(cfg, overwrite=True)  # a fresh run does ask for them

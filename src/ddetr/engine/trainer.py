@@ -72,7 +72,9 @@ class Trainer:
             if differences:
                 raise ValueError(f"{resume}: the run was saved with another config ({'; '.join(differences)}); "
                                  "only epochs and time_budget may change on resume")
-        self.model, self.criterion, self.postprocess = build(cfg.detector, backbone_weights=ckpt is None)
+        # A resumed run or a --pretrained checkpoint brings its own backbone weights: no ImageNet file needed then.
+        own_weights = ckpt is not None or pretrained is not None
+        self.model, self.criterion, self.postprocess = build(cfg.detector, backbone_weights=not own_weights)
         self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim.lr_drop)
