@@ -1,14 +1,26 @@
-"""Shared fixtures: the (device, backend) pairs the op tests run on, and a random-input factory for the op."""
+"""Shared fixtures: the (device, backend) pairs the op tests run on, a random-input factory for the op, models moved
+off their init (`perturb_`), the CLI run in-process (`run_cli`) or in a child process (`ddetr_subprocess`), and one
+intra-op thread for bit-exact comparisons with child processes (`one_thread`)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 import torch
 
 import ddetr.ops
+from ddetr.cli.main import LogHandler, main
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one intra-op thread per worker process, not two each
+    torch.set_num_threads(1)
 
 
 def backend_cases() -> list[tuple[str, str]]:
@@ -102,3 +114,95 @@ def make_op_inputs(n: int = 2, lq: int = 3, m: int = 2, d: int = 3,
 def make_inputs():
     """The random-input factory ``make_op_inputs`` (see its docstring)."""
     return make_op_inputs
+
+
+def perturb_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Move every float parameter and buffer off its default init (zero biases and heads, zero offsets, unit
+    BatchNorm statistics), so that every weight matters and copies are recognisable: ``std`` x N(0, 1) added, and
+    running variances drawn from U(0.5, 1.5). Returns ``module``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(0.5 + torch.rand(t.shape, generator=gen))
+            else:
+                t.add_(std * torch.randn(t.shape, generator=gen))
+    return module
+
+
+# ---- the CLI ------------------------------------------------------------------------------------------------------
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def lines(self) -> list[str]:
+        """What stderr leaves on a terminal, less INFO log lines: progress bars redraw with \\r, so keep what
+        follows a line's last \\r."""
+        visible = [line.rsplit("\r", 1)[-1].strip() for line in self.err.split("\n")]
+        return [line for line in visible if line and not line.startswith("INFO ")]
+
+
+def fresh_log_handler() -> None:
+    """Log to stderr as `ddetr` does (main's logging.basicConfig does nothing under pytest, whose capture handler is
+    already on the root logger)."""
+    drop_log_handlers()
+    logging.root.addHandler(LogHandler())
+    logging.root.setLevel(logging.INFO)
+
+
+def drop_log_handlers() -> None:
+    for handler in list(logging.root.handlers):
+        if type(handler) in (logging.StreamHandler, LogHandler):
+            logging.root.removeHandler(handler)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """``run_cli(*argv)`` -> CliResult of ``ddetr ARGV`` in this process (usage errors included): no child process
+    and no second torch import."""
+    def run(*argv: str | Path) -> CliResult:
+        capsys.readouterr()
+        fresh_log_handler()
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse
+            code = exc.code
+        out, err = capsys.readouterr()
+        return CliResult(int(code or 0), out, err)
+    yield run
+    drop_log_handlers()
+
+
+def ddetr_subprocess(*argv: str | Path, env: dict | None = None, python: list[str] | None = None,
+                     timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+    """``python -m ddetr ARGV`` (or ``python PYTHON...``) in a child process with one intra-op thread, for what needs
+    a process of its own (being killed, resource limits, environment read at start-up, torchrun). Output decoded by
+    hand: text=True would turn progress bars' \\r into line breaks. ``popen``: more subprocess.run arguments."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    command = [sys.executable, *(python or ["-m", "ddetr", *map(str, argv)])]
+    result = subprocess.run(command, capture_output=True, env=full_env, timeout=timeout, **popen)
+    result.stdout, result.stderr = (data.decode(errors="replace") for data in (result.stdout, result.stderr))
+    return result
+
+
+@contextlib.contextmanager
+def single_thread():
+    """One intra-op thread, as in the child processes of ``ddetr_subprocess``: the same arithmetic, bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """`single_thread` for the whole test."""
+    with single_thread():
+        yield

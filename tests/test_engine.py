@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ddetr_subprocess, single_thread
 
 from ddetr.data.synthetic import generate
 from ddetr.engine import trainer as trainer_module
@@ -24,7 +22,9 @@ from ddetr.engine.state import TrainState
 from ddetr.engine.trainer import Trainer
 from ddetr.models.config import DetectorConfig, ModelConfig, save_config
 
-TINY_MODEL = ModelConfig(num_classes=6, backbone="resnet18", pretrained_backbone=None, frozen_batchnorm=True,
+# timm's 0.4M-parameter test ResNet: the engine does not care which backbone it trains, and its 4 MB checkpoints
+# (ResNet-18's are 130 MB) keep the many saves, fsyncs and loads here cheap.
+TINY_MODEL = ModelConfig(num_classes=6, backbone="timm:test_resnet", pretrained_backbone=None, frozen_batchnorm=True,
                          num_feature_levels=2, hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
                          dim_feedforward=64, dropout=0.0, num_queries=10, enc_n_points=2, dec_n_points=2)
 
@@ -48,10 +48,25 @@ def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
     return cfg
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "ddetr", *args], capture_output=True, text=True, env=full_env,
-                          timeout=timeout)
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory) -> Path:
+    """An uninterrupted two-epoch run (one thread: comparable bit for bit with the child processes)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    with single_thread():
+        Trainer(tiny_config(tiny_data, out, epochs=2)).fit()
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_data, tmp_path_factory) -> Path:
+    """A finished one-epoch run (last.pth, best.pth, metrics.jsonl, ...); tests use copies (`finished_copy`)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    Trainer(tiny_config(tiny_data, out, epochs=1)).fit()
+    return out
+
+
+def finished_copy(finished: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(finished, tmp_path / "run"))
 
 
 def final_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -90,6 +105,7 @@ def test_checkpoints_atomic_safe_and_best_is_weights_only(tiny_data, tmp_path):
     from ddetr.inference import Detector
 
     cfg = tiny_config(tiny_data, tmp_path, epochs=1)
+    cfg.detector.model.backbone = "resnet18"  # big weights: the file sizes are those of the tensors
     cfg.detector.model.frozen_batchnorm = False  # every weight trained: last.pth holds 2 Adam moments of each
     Trainer(cfg).fit()
     last = torch.load(tmp_path / "last.pth", map_location="cpu", weights_only=True)
@@ -122,9 +138,8 @@ def test_state_is_saved_and_restored_from_one_definition(tiny_data, tmp_path):
     assert TrainState.from_checkpoint(legacy).history == [{"epoch": 1}]
 
 
-def test_crash_mid_step_then_resume_is_exact_and_logs_whole_epochs(tiny_data, tmp_path, monkeypatch):
-    Trainer(tiny_config(tiny_data, tmp_path / "ref", epochs=2)).fit()
-
+@pytest.mark.usefixtures("one_thread")
+def test_crash_mid_step_then_resume_is_exact_and_logs_whole_epochs(tiny_data, reference, tmp_path, monkeypatch):
     class Crash(Exception):
         pass
 
@@ -143,54 +158,38 @@ def test_crash_mid_step_then_resume_is_exact_and_logs_whole_epochs(tiny_data, tm
     assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["train_state"]["step_in_epoch"] == 1
     resumed = Trainer(cfg, resume=tmp_path / "run" / "last.pth")
     resumed.fit()
-    assert_same_weights(final_weights(tmp_path / "ref" / "last.pth"), final_weights(tmp_path / "run" / "last.pth"))
-    assert history(tmp_path / "run") == history(tmp_path / "ref")  # epoch 2's loss covers all its steps, once
+    assert_same_weights(final_weights(reference / "last.pth"), final_weights(tmp_path / "run" / "last.pth"))
+    assert history(tmp_path / "run") == history(reference)  # epoch 2's loss covers all its steps, once
 
 
-def test_sigkill_then_resume_alone_matches_uninterrupted_run(tiny_data, tmp_path):
-    ref_cfg = tiny_config(tiny_data, tmp_path / "ref")
-    save_config(ref_cfg, tmp_path / "ref.yaml")
-    done = run_cli("train", "--config", str(tmp_path / "ref.yaml"))
-    assert done.returncode == 0, done.stderr[-2000:]
-
-    cfg = tiny_config(tiny_data, tmp_path / "killed", checkpoint_every=1)
+@pytest.mark.usefixtures("one_thread")
+def test_sigkill_then_resume_alone_matches_uninterrupted_run(tiny_data, reference, tmp_path, run_cli):
+    cfg = tiny_config(tiny_data, tmp_path / "killed", epochs=2, checkpoint_every=1)
     save_config(cfg, tmp_path / "killed.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "ddetr", "train", "--config", str(tmp_path / "killed.yaml")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    # SIGKILL (the process's own, from the fault-injection point) in step 7, mid-way through epoch 2: the last
+    # checkpoint is step 6's
+    killed = ddetr_subprocess("train", "--config", tmp_path / "killed.yaml", env={"DDETR_KILL_AT": "step:7"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     last = tmp_path / "killed" / "last.pth"
-    deadline = time.monotonic() + 240
-    killed_at = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        if last.is_file():
-            try:
-                state = torch.load(last, map_location="cpu", weights_only=True)["train_state"]
-            except Exception:  # noqa: BLE001 - the file is being replaced; try again
-                continue
-            if state["global_step"] >= 6 and state["step_in_epoch"] > 0:  # mid-way through epoch 2
-                proc.send_signal(signal.SIGKILL)
-                killed_at = (state["epoch"], state["step_in_epoch"])
-                break
-        time.sleep(0.02)
-    proc.wait()
-    assert killed_at is not None, "the run finished before it could be killed mid-epoch"
-    resumed = run_cli("train", "--resume", str(last))  # alone: the saved config decides everything
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert_same_weights(final_weights(tmp_path / "ref" / "last.pth"), final_weights(last), atol=1e-6)
-    assert [h["epoch"] for h in history(tmp_path / "killed")] == [1, 2, 3]
+    state = torch.load(last, map_location="cpu", weights_only=True)["train_state"]
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 2, 6)
+    resumed = run_cli("train", "--resume", last)  # alone: the saved config decides everything
+    assert resumed.code == 0, resumed.err[-2000:]
+    assert_same_weights(final_weights(reference / "last.pth"), final_weights(last), atol=1e-6)
+    assert [h["epoch"] for h in history(tmp_path / "killed")] == [1, 2]
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_torchrun_two_ranks_equal_single_process(tiny_data, tmp_path):
+    # ResNet-18: the GroupNorm after each input projection cancels its conv bias, whose gradient is then rounding
+    # noise that Adam scales up to full steps unless the features are large, as ResNet-18's are
     single = tiny_config(tiny_data, tmp_path / "single", epochs=1, batch_size=4)
-    save_config(single, tmp_path / "single.yaml")
-    r = run_cli("train", "--config", str(tmp_path / "single.yaml"))
-    assert r.returncode == 0, r.stderr[-2000:]
     ddp = tiny_config(tiny_data, tmp_path / "ddp", epochs=1, batch_size=2)
+    single.detector.model.backbone = ddp.detector.model.backbone = "resnet18"
+    Trainer(single).fit()  # here, with one thread as each rank
     save_config(ddp, tmp_path / "ddp.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29533", "-m", "ddetr", "train", "--config", str(tmp_path / "ddp.yaml")],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = ddetr_subprocess(python=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
+                                 "-m", "ddetr", "train", "--config", str(tmp_path / "ddp.yaml")])
     assert r.returncode == 0, r.stderr[-3000:]
     sums = [line.split()[-1] for line in r.stderr.splitlines() if "weights checksum" in line]
     assert len(sums) == 2 and sums[0] == sums[1], r.stderr[-3000:]  # both ranks end with identical weights
@@ -201,29 +200,29 @@ def test_torchrun_two_ranks_equal_single_process(tiny_data, tmp_path):
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)  # the logged loss is the mean over ranks
 
 
-def test_resume_refuses_other_config_by_name(tiny_data, tmp_path):
-    Trainer(tiny_config(tiny_data, tmp_path, epochs=1)).fit()
-    other = tiny_config(tiny_data, tmp_path, epochs=2)
+def test_resume_refuses_other_config_by_name(tiny_data, finished, tmp_path):
+    run = finished_copy(finished, tmp_path)
+    other = tiny_config(tiny_data, run, epochs=2)
     other.detector.model.num_queries = 12
     other.optim.lr = 5e-4
     with pytest.raises(ValueError, match=r"detector\.model\.num_queries: saved 10, given 12; optim\.lr: saved"):
-        Trainer(other, resume=tmp_path / "last.pth")
+        Trainer(other, resume=run / "last.pth")
     with pytest.raises(ValueError, match="weights only"):
-        Trainer(tiny_config(tiny_data, tmp_path, epochs=2), resume=tmp_path / "best.pth")
+        Trainer(tiny_config(tiny_data, run, epochs=2), resume=run / "best.pth")
 
 
-def test_run_folder_is_never_overwritten_silently(tiny_data, tmp_path):
-    Trainer(tiny_config(tiny_data, tmp_path, epochs=1)).fit()
-    before = (tmp_path / "last.pth").read_bytes()
+def test_run_folder_is_never_overwritten_silently(tiny_data, finished, tmp_path):
+    run = finished_copy(finished, tmp_path)
+    before = (run / "last.pth").read_bytes()
     with pytest.raises(ValueError, match="already holds a run"):
-        Trainer(tiny_config(tiny_data, tmp_path, epochs=1))
-    assert (tmp_path / "last.pth").read_bytes() == before
-    (tmp_path / "notes.txt").write_text("mine")
-    trainer = Trainer(tiny_config(tiny_data, tmp_path, epochs=1, eval_every=5), overwrite=True)
+        Trainer(tiny_config(tiny_data, run, epochs=1))
+    assert (run / "last.pth").read_bytes() == before
+    (run / "notes.txt").write_text("mine")
+    trainer = Trainer(tiny_config(tiny_data, run, epochs=1, eval_every=5), overwrite=True)
     trainer.val_set = None  # no evaluation: no best.pth in the new run
     trainer.fit()
-    assert not (tmp_path / "best.pth").exists() and (tmp_path / "notes.txt").read_text() == "mine"
-    assert len(history(tmp_path)) == 1  # the old run's log line is gone, not appended to
+    assert not (run / "best.pth").exists() and (run / "notes.txt").read_text() == "mine"
+    assert len(history(run)) == 1  # the old run's log line is gone, not appended to
 
 
 def test_non_finite_loss_stops_with_one_line_and_saves_nothing(tiny_data, tmp_path):
@@ -273,13 +272,13 @@ def test_time_budget_drops_lr_then_stops_mid_epoch(tiny_data, tmp_path, monkeypa
     assert "AP50" in metrics  # evaluated after stopping
 
 
-def test_resuming_a_finished_run_only_evaluates(tiny_data, tmp_path):
-    Trainer(tiny_config(tiny_data, tmp_path, epochs=1)).fit()
-    before = (tmp_path / "last.pth").read_bytes()
-    again = Trainer(tiny_config(tiny_data, tmp_path, epochs=1), resume=tmp_path / "last.pth")
+def test_resuming_a_finished_run_only_evaluates(tiny_data, finished, tmp_path):
+    run = finished_copy(finished, tmp_path)
+    before = (run / "last.pth").read_bytes()
+    again = Trainer(tiny_config(tiny_data, run, epochs=1), resume=run / "last.pth")
     metrics = again.fit()
     assert "AP" in metrics and again.state.global_step == 4
-    assert (tmp_path / "last.pth").read_bytes() == before
+    assert (run / "last.pth").read_bytes() == before
 
 
 def test_amp_auto_is_bf16_only_where_native_and_fp16_needs_a_gpu(monkeypatch):

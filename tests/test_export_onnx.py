@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import perturb_
 
 from ddetr.cli.export import add_args as add_export_args
 from ddetr.cli.export import run as run_export
@@ -23,12 +24,7 @@ SMALL = dict(backbone="resnet18", hidden_dim=64, enc_layers=2, dec_layers=2, dim
 
 def small_model(variant: str) -> DeformableDETR:
     torch.manual_seed(0)
-    net = DeformableDETR(preset(variant, **SMALL).model).eval()
-    with torch.no_grad():
-        for t in list(net.parameters()) + list(net.buffers()):
-            if t.is_floating_point():
-                t.add_(0.05 * torch.randn_like(t))
-    return net
+    return perturb_(DeformableDETR(preset(variant, **SMALL).model).eval())
 
 
 def inputs(batch: int, h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

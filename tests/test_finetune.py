@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import perturb_
 
 from ddetr.interop import save_ddetr, save_hf, save_official
 from ddetr.interop.finetune import load_pretrained
@@ -20,12 +21,7 @@ PRIOR = -math.log(99)
 def model(variant: str = "deformable-detr-refine", num_classes: int = 6, seed: int = 0, **overrides) -> DeformableDETR:
     torch.manual_seed(seed)
     cfg = preset(variant, **{**SMALL, "num_classes": num_classes, **overrides})
-    net = DeformableDETR(cfg.model)
-    with torch.no_grad():  # move every float tensor off its init so copies are recognisable
-        for t in list(net.parameters()) + list(net.buffers()):
-            if t.is_floating_point():
-                t.add_(0.1 * torch.randn_like(t))
-    return net
+    return perturb_(DeformableDETR(cfg.model), seed, std=0.1)  # copies are recognisable
 
 
 def pretrained(tmp_path, names: list[str], variant: str = "deformable-detr-refine") -> tuple[DeformableDETR, str]:

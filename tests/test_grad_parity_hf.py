@@ -46,6 +46,7 @@ import re
 
 import pytest
 import torch
+from conftest import perturb_
 from transformers import DeformableDetrForObjectDetection
 from transformers.loss.loss_deformable_detr import DeformableDetrHungarianMatcher, DeformableDetrImageLoss
 
@@ -72,19 +73,6 @@ def small_config(variant: str) -> DetectorConfig:
                  dim_feedforward=96, num_queries=QUERIES, num_classes=NUM_CLASSES, dropout=0.0, enc_n_points=3,
                  dec_n_points=2)
     return dataclasses.replace(cfg, loss=LOSS)
-
-
-def perturb_(module: torch.nn.Module, seed: int) -> None:
-    """Move every float parameter and buffer off its default init (zero box-head outputs, zero offsets, unit BN)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-            if not t.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                t.copy_(0.5 + torch.rand(t.shape, generator=gen))
-            else:
-                t.add_(0.05 * torch.randn(t.shape, generator=gen))
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:

@@ -14,6 +14,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import perturb_
 from safetensors.torch import load_file, save_file
 from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrImageProcessor
 
@@ -44,19 +45,6 @@ def hf_config(backbone: str = "resnet18", num_feature_levels: int = 4, dilation:
         encoder_layers=2, decoder_layers=DEC_LAYERS, encoder_ffn_dim=96, decoder_ffn_dim=96,
         encoder_n_points=3, decoder_n_points=2, num_queries=QUERIES, two_stage_num_proposals=QUERIES,
         num_labels=NUM_LABELS, id2label={i: f"class{i}" for i in range(NUM_LABELS)}, **kwargs)
-
-
-def perturb_(module: torch.nn.Module, seed: int) -> None:
-    """Move every float parameter and buffer off its default init (zero biases, zero heads, unit BN stats)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-            if not t.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                t.copy_(0.5 + torch.rand(t.shape, generator=gen))
-            else:
-                t.add_(0.05 * torch.randn(t.shape, generator=gen))
 
 
 def images_and_masks() -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import perturb_
 
 from ddetr.cli.convert import add_args as add_convert_args
 from ddetr.cli.convert import run as run_convert
@@ -28,15 +29,7 @@ def small_model(variant: str, seed: int = 0, **overrides) -> tuple[DeformableDET
     """A small model of a preset with every float tensor moved off its init (so heads and biases matter)."""
     cfg = preset(variant, **{**SMALL, **VARIANTS.get(variant, {}), **overrides})
     torch.manual_seed(seed)
-    model = DeformableDETR(cfg.model).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith("running_var"):
-                t.copy_(0.5 + torch.rand(t.shape, generator=gen))
-            elif t.is_floating_point():
-                t.add_(0.05 * torch.randn(t.shape, generator=gen))
-    return model, cfg
+    return perturb_(DeformableDETR(cfg.model).eval(), seed), cfg
 
 
 def official_state(model: DeformableDETR) -> dict[str, torch.Tensor]:

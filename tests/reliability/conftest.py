@@ -1,4 +1,4 @@
-"""Shared fixtures of the reliability suite: the CLI run in-process (`run_cli`), a tiny dataset and a tiny trained run
+"""Shared fixtures of the reliability suite (`run_cli` is in tests/conftest.py): a tiny dataset and a tiny trained run
 made once per session, damaged checkpoints of every kind, and folder fingerprints proving nothing saved changed."""
 
 from __future__ import annotations
@@ -6,20 +6,19 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
-import logging
 import os
 import resource
 import shutil
 import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import CliResult, fresh_log_handler
+from conftest import ddetr_subprocess as run_subprocess
 
-from ddetr.cli.main import LogHandler, main
+from ddetr.cli.main import main
 from ddetr.data.synthetic import generate
 
 _TINY_SETTINGS = [
@@ -37,50 +36,6 @@ def train_args(data: Path, output: Path, *extra: str) -> list[str]:
     return ["train", "--preset", "demo", "--data", str(data / "train"), "--val-data", str(data / "val"),
             "--epochs", "1", "--batch-size", "2", "--device", "cpu", "--amp", "none", "--output", str(output),
             *TINY, *extra]
-
-
-@dataclass
-class CliResult:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def lines(self) -> list[str]:
-        """What stderr leaves on a terminal, less INFO log lines: progress bars redraw with \\r, so keep what
-        follows a line's last \\r."""
-        visible = [line.rsplit("\r", 1)[-1].strip() for line in self.err.split("\n")]
-        return [line for line in visible if line and not line.startswith("INFO ")]
-
-
-def _fresh_log_handler() -> None:
-    """Log to stderr as `ddetr` does (main's logging.basicConfig does nothing under pytest, whose capture handler is
-    already on the root logger)."""
-    _drop_log_handlers()
-    logging.root.addHandler(LogHandler())
-    logging.root.setLevel(logging.INFO)
-
-
-def _drop_log_handlers() -> None:
-    for handler in list(logging.root.handlers):
-        if type(handler) in (logging.StreamHandler, LogHandler):
-            logging.root.removeHandler(handler)
-
-
-@pytest.fixture
-def run_cli(capsys):
-    """``run_cli(*argv)`` -> CliResult of ``ddetr ARGV`` in this process (usage errors included)."""
-    def run(*argv: str | Path) -> CliResult:
-        capsys.readouterr()
-        _fresh_log_handler()
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as exc:  # argparse
-            code = exc.code
-        out, err = capsys.readouterr()
-        return CliResult(int(code or 0), out, err)
-    yield run
-    _drop_log_handlers()
 
 
 def fingerprint(*folders: Path) -> dict[str, str]:
@@ -102,11 +57,10 @@ def fingerprint(*folders: Path) -> dict[str, str]:
     return prints
 
 
-def ddetr_subprocess(*argv: str | Path, env: dict | None = None, limit_file_size: int | None = None,
-                     without_dac_override: bool = False, python: list[str] | None = None,
-                     timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m ddetr ARGV`` (or ``python PYTHON...``) in a child process: for faults that need a process of their
-    own (a file-size limit, no permission override for root, being killed). One thread, as the in-process resumes."""
+def ddetr_subprocess(*argv: str | Path, limit_file_size: int | None = None, without_dac_override: bool = False,
+                     **kw) -> subprocess.CompletedProcess:
+    """The shared ``ddetr_subprocess`` (a child process, one thread), with faults that need a process of their own:
+    a file-size limit, no permission override for root."""
     def limits() -> None:
         if limit_file_size is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, limit_file_size))
@@ -116,12 +70,7 @@ def ddetr_subprocess(*argv: str | Path, env: dict | None = None, limit_file_size
             if libc.prctl(pr_capbset_drop, cap_dac_override, 0, 0, 0) != 0:
                 raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
 
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    command = [sys.executable, *(python or ["-m", "ddetr", *map(str, argv)])]
-    result = subprocess.run(command, capture_output=True, env=full_env, timeout=timeout, preexec_fn=limits)
-    # Decoded by hand: text=True would turn the progress bars' \r into line breaks.
-    result.stdout, result.stderr = (data.decode(errors="replace") for data in (result.stdout, result.stderr))
-    return result
+    return run_subprocess(*argv, preexec_fn=limits, **kw)
 
 
 def stderr_lines(err: str) -> list[str]:
@@ -140,7 +89,7 @@ def dataset(tmp_path_factory) -> Path:
 def trained(tmp_path_factory, dataset) -> Path:
     """The folder of a tiny one-epoch run: last.pth, best.pth, metrics.jsonl, config.yaml, curves."""
     run = tmp_path_factory.mktemp("trained") / "run"
-    _fresh_log_handler()
+    fresh_log_handler()
     assert main(train_args(dataset, run)) == 0
     assert (run / "last.pth").is_file() and (run / "best.pth").is_file()
     return run
