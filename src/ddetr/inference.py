@@ -175,12 +175,11 @@ class Detector:
             yield from self._flush(pending, threshold)
 
     def _flush(self, pending: list[tuple[Path, Any]], threshold: float) -> Iterator[FileResult]:
-        good = [(p, item) for p, item in pending if not isinstance(item, str)]
-        dets = self._detect_batch([(x, {}) for _, (_, x, _) in good], [s for _, (_, _, s) in good], threshold) \
-            if good else []
-        by_path = {id(item): det for (_, item), det in zip(good, dets)}
-        for path, item in pending:
+        good = [item for _, item in pending if not isinstance(item, str)]
+        dets = iter(self._detect_batch([(x, {}) for _, x, _ in good], [s for _, _, s in good], threshold)
+                    if good else [])
+        for path, item in pending:  # in order: an unreadable file yields its error, the others their detections
             if isinstance(item, str):
                 yield FileResult(path, None, None, item)
             else:
-                yield FileResult(path, item[0], by_path[id(item)])
+                yield FileResult(path, item[0], next(dets))

@@ -108,7 +108,7 @@ def export_onnx(model: Any, path: str | Path, opset: int = 17, dynamic: bool = T
                           opset_version=opset, input_names=inputs, output_names=outputs, dynamic_axes=axes)
     proto = onnx.load(str(path))
     cfg = getattr(model, "cfg", None)
-    meta = meta or label_meta(cfg.num_classes if cfg is not None else model(images, masks)["pred_logits"].shape[-1])
+    meta = meta or label_meta(model.cfg.num_classes)  # without stored labels: index = category id
     info = {"ddetr_postprocess": json.dumps(postprocess), "ddetr_top_k": json.dumps(top_k),
             "ddetr_config": json.dumps(dataclasses.asdict(cfg) if cfg is not None else None),
             **{f"ddetr_{k}": json.dumps(meta[k]) for k in ("class_names", "category_ids", "val_size", "max_size")}}
