@@ -41,8 +41,7 @@ def predict_dataset(model: nn.Module, postprocess: nn.Module, loader: DataLoader
     return results
 
 
-def match_categories(dataset: CocoDetection, category_ids: Sequence[int], names: Sequence[str] | None = None,
-                     ) -> set[int]:
+def match_categories(dataset: CocoDetection, category_ids: Sequence[int]) -> set[int]:
     """The category ids both the model and the dataset know; one warning names the dataset's categories that the
     model cannot predict (they score 0 AP) — matched by id, never by position."""
     known = set(category_ids)
