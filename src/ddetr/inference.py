@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +18,10 @@ from torchvision.transforms.v2 import functional as TF
 from ddetr.data.collate import collate
 from ddetr.data.images import open_rgb, to_rgb
 from ddetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resized_size
+from ddetr.engine.device import AMP_DTYPES, resolve_amp
 from ddetr.interop.meta import label_meta
 from ddetr.models.deformable_detr import DeformableDETR
+from ddetr.models.inference_ready import prepare_for_inference
 from ddetr.models.postprocess import PostProcess
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
@@ -83,11 +86,19 @@ class FileResult:
 class Detector:
     """``Detector.from_checkpoint(path)(images)`` -> per image ``boxes`` (xyxy pixels of the original image),
     ``scores``, ``labels`` (the model's class indices), ``category_ids`` (the dataset's ids of those labels) and
-    ``names``, all from the mapping stored with the model (`ddetr.interop.meta`)."""
+    ``names``, all from the mapping stored with the model (`ddetr.interop.meta`).
+
+    The detector runs a copy of ``model`` prepared for inference (`prepare_for_inference`: BatchNorm folded,
+    channels_last), so the model passed in stays trainable. ``amp``: "none" (fp32), "bf16", "fp16" or "auto"
+    (bf16 where the hardware has it), as ``--amp`` of predict and eval."""
 
     def __init__(self, model: DeformableDETR | Callable, meta: dict[str, Any], top_k: int = 100,
-                 device: str | torch.device = "cpu", size: int | None = None, max_size: int | None = None) -> None:
+                 device: str | torch.device = "cpu", size: int | None = None, max_size: int | None = None,
+                 amp: str = "none") -> None:
         self.device = torch.device(device)
+        self.amp_dtype = AMP_DTYPES[resolve_amp(amp, self.device)]
+        if isinstance(model, DeformableDETR) and not getattr(model, "inference_only", False):
+            model = prepare_for_inference(copy.deepcopy(model))
         self.model = model.to(self.device).eval() if isinstance(model, torch.nn.Module) else model
         self.class_names: list[str] = list(meta["class_names"])
         self.category_ids: list[int] = list(meta["category_ids"])
@@ -96,12 +107,12 @@ class Detector:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", size: int | None = None,
-                        max_size: int | None = None, **hints: Any) -> Detector:
+                        max_size: int | None = None, amp: str = "none", **hints: Any) -> Detector:
         """Our checkpoints, official .pth files and Hugging Face model folders; ``hints`` as `load_model`'s."""
         from ddetr.interop import load_model
 
         model, cfg, meta = load_model(path, **hints)
-        return cls(model, meta, cfg.top_k, device, size, max_size)
+        return cls(prepare_for_inference(model), meta, cfg.top_k, device, size, max_size, amp)
 
     @classmethod
     def from_onnx(cls, path: str | Path, size: int | None = None, max_size: int | None = None) -> Detector:
@@ -137,7 +148,9 @@ class Detector:
     def _detect_batch(self, batch: list[tuple[torch.Tensor, dict]], sizes: list[tuple[int, int]],
                       threshold: float) -> list[dict[str, Any]]:
         pixels, masks, _ = collate(batch)
-        outputs = self.model(pixels.to(self.device), masks.to(self.device))
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            outputs = self.model(pixels.to(self.device), masks.to(self.device))
+        outputs = {k: outputs[k].float() for k in ("pred_logits", "pred_boxes")}
         out = []
         for det in self.postprocess(outputs, torch.tensor(sizes, device=self.device), threshold or None):
             det = {k: v.cpu() for k, v in det.items()}

@@ -19,6 +19,7 @@ of one size.
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import gc
 import math
@@ -35,6 +36,7 @@ from torch import nn
 import ddetr.ops
 from ddetr.interop.hf import ours_to_hf, ours_to_hf_config, v4_to_v5
 from ddetr.models import DeformableDETR, build, preset
+from ddetr.models.inference_ready import prepare_for_inference
 
 PAPER_PRESETS = ["deformable-detr", "deformable-detr-single-scale", "deformable-detr-single-scale-dc5",
                  "deformable-detr-refine", "deformable-detr-two-stage"]
@@ -198,11 +200,13 @@ def bench_preset(name: str, batch: int, size: tuple[int, int], device: torch.dev
         hf(pixel_values=images, pixel_mask=pixel_mask, labels=hf_labels).loss.backward()
         hf.zero_grad(set_to_none=True)
 
+    ready = prepare_for_inference(copy.deepcopy(model))  # what Detector, predict and eval run
     nets = {"ours": model}
-    forward = {"ours": lambda: model(images, masks)}
+    forward = {"ours": lambda: model(images, masks), "ready": lambda: ready(images, masks)}
     step = {"ours": ours_step}
-    timers = {"ours": PartTimer({"backbone": model.backbone, "encoder": model.transformer.encoder,
-                                 "decoder": model.transformer.decoder}, device)}
+    timers = {impl: PartTimer({"backbone": net.backbone, "encoder": net.transformer.encoder,
+                               "decoder": net.transformer.decoder}, device)
+              for impl, net in (("ours", model), ("ready", ready))}
     if hf is not None:
         nets["hf"] = hf
         forward["hf"] = lambda: hf(pixel_values=images, pixel_mask=pixel_mask)
@@ -229,15 +233,18 @@ def bench_preset(name: str, batch: int, size: tuple[int, int], device: torch.dev
         net.train()
     train = measure(step, device, repeats)
 
-    for impl in nets:
+    for impl in forward:
         row[f"{impl}_fp32_s"], row[f"{impl}_fp32_mib"] = fp32[impl].best_s, fp32[impl].peak_mib
         parts = fp32[impl].parts
         row[f"{impl}_parts"] = {**parts, "rest": fp32[impl].best_s - sum(parts.values())}
-        row[f"{impl}_train_s"], row[f"{impl}_train_mib"] = train[impl].best_s, train[impl].peak_mib
+        if impl in train:
+            row[f"{impl}_train_s"], row[f"{impl}_train_mib"] = train[impl].best_s, train[impl].peak_mib
         if impl in bf16:
             row[f"{impl}_bf16_s"] = bf16[impl].best_s
             diffs = matched_diffs(as_pair(fp32[impl].output), as_pair(bf16[impl].output))
             row[f"{impl}_bf16_dlogits"], row[f"{impl}_bf16_dboxes"] = diffs
+    row["ready_logits"], row["ready_boxes"] = matched_diffs(as_pair(fp32["ours"].output),
+                                                            as_pair(fp32["ready"].output))
     if hf is not None:
         row["parity_logits"], row["parity_boxes"] = matched_diffs(as_pair(fp32["ours"].output),
                                                                   as_pair(fp32["hf"].output))
@@ -248,9 +255,9 @@ def fmt(value: float | None, scale: float = 1.0) -> str:
     return "—" if value is None else f"{value * scale:.0f}"
 
 
-def ratio(row: dict, key: str) -> str:
+def ratio(row: dict, key: str, impl: str = "ours") -> str:
     """HF / ours for one measurement: > 1 means ours is faster (or smaller)."""
-    hf, ours = row.get(f"hf_{key}"), row.get(f"ours_{key}")
+    hf, ours = row.get(f"hf_{key}"), row.get(f"{impl}_{key}")
     return "—" if hf is None or ours is None else f"{hf / ours:.2f}x"
 
 
@@ -272,17 +279,23 @@ def table(title: str, header: list[str], lines: list[list[str]]) -> None:
 
 def print_tables(rows: list[dict]) -> None:
     key = [[r["preset"], str(r["batch"])] for r in rows]
-    table("fp32 inference (eval, no_grad); last column: max abs difference ours vs HF, query order free",
-          ["preset", "batch", "ours ms", "HF ms", "HF/ours", "ours peak MiB", "HF peak MiB",
-           "ours vs HF (logits, boxes)"],
-          [k + [fmt(r["ours_fp32_s"], 1e3), fmt(r.get("hf_fp32_s"), 1e3), ratio(r, "fp32_s"),
-                fmt(r["ours_fp32_mib"]), fmt(r.get("hf_fp32_mib")),
-                f"{r['parity_logits']:.1e}, {r['parity_boxes']:.1e}" if "parity_logits" in r else "—"]
+    table("fp32 inference (eval, no_grad); ready: prepared for inference as Detector/predict/eval run it "
+          "(BatchNorm folded, channels_last); differences: max abs (logits, boxes), query order free",
+          ["preset", "batch", "ours ms", "ready ms", "HF ms", "HF/ours", "HF/ready", "ours peak MiB",
+           "HF peak MiB", "ours vs HF", "ready vs ours"],
+          [k + [fmt(r["ours_fp32_s"], 1e3), fmt(r["ready_fp32_s"], 1e3), fmt(r.get("hf_fp32_s"), 1e3),
+                ratio(r, "fp32_s"), ratio(r, "fp32_s", "ready"), fmt(r["ours_fp32_mib"]), fmt(r.get("hf_fp32_mib")),
+                f"{r['parity_logits']:.1e}, {r['parity_boxes']:.1e}" if "parity_logits" in r else "—",
+                f"{r['ready_logits']:.1e}, {r['ready_boxes']:.1e}"]
            for k, r in zip(key, rows)])
-    table("bf16 autocast inference; change: max abs vs fp32 of logits / boxes, query order free",
-          ["preset", "batch", "ours ms", "HF ms", "HF/ours", "ours change", "HF change"],
-          [k + [fmt(r.get("ours_bf16_s"), 1e3), fmt(r.get("hf_bf16_s"), 1e3), ratio(r, "bf16_s"),
-                bf16_cell(r, "ours"), bf16_cell(r, "hf")] for k, r in zip(key, rows)])
+    table("bf16 autocast inference (HF/ready: against HF's bf16; vs HF fp32: against HF's fp32); change: max abs vs "
+          "fp32 of logits / boxes, query order free",
+          ["preset", "batch", "ours ms", "ready ms", "HF ms", "HF/ready", "HF fp32 / ready", "ready change",
+           "HF change"],
+          [k + [fmt(r.get("ours_bf16_s"), 1e3), fmt(r.get("ready_bf16_s"), 1e3), fmt(r.get("hf_bf16_s"), 1e3),
+                ratio(r, "bf16_s", "ready"),
+                f"{r['hf_fp32_s'] / r['ready_bf16_s']:.2f}x" if "hf_fp32_s" in r and "ready_bf16_s" in r else "—",
+                bf16_cell(r, "ready"), bf16_cell(r, "hf")] for k, r in zip(key, rows)])
     table("one training step (train mode: forward + loss + backward)",
           ["preset", "batch", "ours ms", "HF ms", "HF/ours", "ours peak MiB", "HF peak MiB", "HF/ours mem"],
           [k + [fmt(r["ours_train_s"], 1e3), fmt(r.get("hf_train_s"), 1e3), ratio(r, "train_s"),
@@ -290,7 +303,7 @@ def print_tables(rows: list[dict]) -> None:
            for k, r in zip(key, rows)])
     lines = []
     for k, r in zip(key, rows):
-        for impl in ("ours", "hf"):
+        for impl in ("ours", "ready", "hf"):
             if f"{impl}_parts" in r:
                 parts = r[f"{impl}_parts"]
                 cells = [fmt(v, 1e3) for v in parts.values()]

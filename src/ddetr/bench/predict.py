@@ -1,9 +1,11 @@
-"""`ddetr bench predict`: images/s of `predict`'s loop (batched, decoded ahead by threads) against one image at a
-time with decoding in the main thread (ddetr 0.1's loop), side by side in one process on the same files and model."""
+"""`ddetr bench predict`: images/s of `predict`'s loop (model prepared for inference, batched, images decoded ahead by
+threads; fp32 and ``--amp bf16``) against ddetr 0.1's loop (the model as trained, one image at a time, decoded in the
+main thread), side by side in one process on the same files and weights."""
 
 from __future__ import annotations
 
 import argparse
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -54,19 +56,28 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     cfg = preset(args.preset, pretrained_backbone="none")
     model = DeformableDETR(cfg.model).eval()
-    print(f"| shorter side | one at a time (img/s) | predict loop, batch {args.batch_size}, {args.workers} decode "
-          "threads (img/s) | ratio |")
-    print("|---|---|---|---|")
+    meta = label_meta(cfg.model.num_classes)
+    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, preset {args.preset}, "
+          f"{args.images} JPEGs per measurement, best of {args.repeats}")
+    print(f"| shorter side | ddetr 0.1 loop (img/s) | predict loop fp32, batch {args.batch_size}, {args.workers} "
+          "decode threads (img/s) | ratio | predict loop --amp bf16 (img/s) | ratio |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             paths = write_jpegs(Path(tmp), args.images, size)
-            detector = Detector(model, label_meta(cfg.model.num_classes), size=size, max_size=size * 2)
-            one_at_a_time(detector, paths[:2])  # warm-up (kernel load, allocator)
-            old, new = [], []
+            as_trained = Detector(model, meta, size=size, max_size=size * 2)
+            as_trained.model = model  # ddetr 0.1 ran the model as trained (BatchNorm unfolded, NCHW)
+            fp32 = Detector(model, meta, size=size, max_size=size * 2)
+            bf16 = Detector(model, meta, size=size, max_size=size * 2, amp="bf16")
+            for detector in (as_trained, fp32, bf16):
+                one_at_a_time(detector, paths[:2])  # warm-up (kernel load, allocator)
+            old, new, low = [], [], []
             for _ in range(args.repeats):
-                old.append(one_at_a_time(detector, paths))
-                new.append(batched(detector, paths, args.batch_size, args.workers))
-            print(f"| {size} | {max(old):.2f} | {max(new):.2f} | {max(new) / max(old):.2f}x |", flush=True)
+                old.append(one_at_a_time(as_trained, paths))
+                new.append(batched(fp32, paths, args.batch_size, args.workers))
+                low.append(batched(bf16, paths, args.batch_size, args.workers))
+            print(f"| {size} | {max(old):.2f} | {max(new):.2f} | {max(new) / max(old):.2f}x | {max(low):.2f} | "
+                  f"{max(low) / max(old):.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

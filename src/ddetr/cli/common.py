@@ -51,6 +51,13 @@ def add_checkpoint_args(p: argparse.ArgumentParser, required: bool = True) -> No
     p.add_argument("--device", type=device_name, default="cpu", help="auto, cpu, cuda or cuda:N")
 
 
+def add_amp_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"], default="none",
+                   help="inference precision: none = fp32 (default, exact); bf16 = autocast, about 2x faster on CPUs "
+                        "with AVX512-BF16 or AMX and on GPUs, scores and boxes move by ~0.01-0.03; auto = bf16 where "
+                        "native; fp16 = GPUs only")
+
+
 def keep_freed_memory_on_cpu(device: str) -> None:
     """CPU runs reuse freed memory between steps instead of page-faulting it afresh (see ddetr.engine.malloc)."""
     from ddetr.engine.device import resolve_device

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ddetr.cli.common import (
+    add_amp_arg,
     add_checkpoint_args,
     add_variant_hints,
     keep_freed_memory_on_cpu,
@@ -31,6 +32,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=positive_int, default=2, help="threads decoding and resizing images ahead")
     p.add_argument("--out", default="predictions", help="folder for results.json, coco_results.json and drawn images")
     p.add_argument("--no-draw", action="store_true", help="only write JSON")
+    add_amp_arg(p)
     add_variant_hints(p)
 
 
@@ -86,12 +88,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no images found in {args.inputs}")
     ids = image_ids_by_name(args.annotations) if args.annotations else None
     keep_freed_memory_on_cpu("cpu" if args.onnx else args.device)  # also refuses a device that is not here
+    if args.onnx and args.amp != "none":
+        raise ValueError("--amp applies to --checkpoint; an ONNX model runs in the precision it was exported in")
     if args.onnx:
         detector = Detector.from_onnx(args.onnx, size=args.size, max_size=args.max_size)
     else:
         detector = Detector.from_checkpoint(args.checkpoint, device=args.device, size=args.size,
-                                            max_size=args.max_size, dilation=args.dilation, nheads=args.nheads,
-                                            num_queries=args.num_queries)
+                                            max_size=args.max_size, amp=args.amp, dilation=args.dilation,
+                                            nheads=args.nheads, num_queries=args.num_queries)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     roots = [Path(x) for x in args.inputs if Path(x).is_dir()]

@@ -45,6 +45,12 @@ class DeformableDETR(nn.Module):
             self.query_embed = nn.Embedding(cfg.num_queries, d * 2)
         self.class_embed, self.bbox_embed = build_heads(cfg)
 
+    def train(self, mode: bool = True) -> DeformableDETR:
+        if mode and getattr(self, "inference_only", False):
+            raise RuntimeError("this model was prepared for inference (BatchNorm folded into the convolutions) and "
+                               "cannot be trained; load or build a fresh one to train")
+        return super().train(mode)
+
     def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> Output:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
