@@ -13,6 +13,8 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from ddetr.inference import Detector
+from ddetr.interop import load_model
+from ddetr.interop.load import save_ddetr, save_hf
 from ddetr.interop.meta import label_meta
 from ddetr.models import build
 from ddetr.models.inference_ready import fold_batchnorm, prepare_for_inference
@@ -109,3 +111,20 @@ def test_fused_query_projection_trains_both_offsets_and_weights():
     attn = model.transformer.encoder.layers[0].self_attn
     for linear in (attn.sampling_offsets, attn.attention_weights):
         assert linear.weight.grad is not None and linear.weight.grad.abs().sum() > 0
+
+
+def test_channels_last_model_saves_and_loads_in_every_format(tmp_path):
+    """Training runs the ResNet in channels_last: safetensors (ours and HF) need row-major copies of its weights."""
+    model, _, _ = build(small("demo"))
+    perturb_(model)
+    model.use_channels_last()
+    assert not model.backbone.body.conv1.weight.is_contiguous()
+    n = model.cfg.num_classes
+    save_ddetr(model, model.cfg, tmp_path / "m.safetensors", [f"c{i}" for i in range(n)], list(range(n)), 64, 96)
+    save_hf(model, model.cfg, tmp_path / "hf", label_meta(n))
+    for path in (tmp_path / "m.safetensors", tmp_path / "hf"):
+        loaded, _, _ = load_model(path)
+        for key, value in model.state_dict().items():
+            if key.endswith("num_batches_tracked"):  # HF's layout has no BatchNorm step counters
+                continue
+            assert torch.equal(loaded.state_dict()[key], value), (path, key)

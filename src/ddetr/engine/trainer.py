@@ -75,7 +75,7 @@ class Trainer:
         # A resumed run or a --pretrained checkpoint brings its own backbone weights: no ImageNet file needed then.
         own_weights = ckpt is not None or pretrained is not None
         self.model, self.criterion, self.postprocess = build(cfg.detector, backbone_weights=not own_weights)
-        self.model.to(self.device)
+        self.model.use_channels_last().to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim.lr_drop)
         if amp != cfg.amp:
@@ -102,7 +102,8 @@ class Trainer:
         """
         data = self.cfg.data
         ckpt = {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "config": self.cfg.detector.to_dict(),
-                "train_config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                "train_config": self.cfg.to_dict(),
+                "model": {k: v.contiguous() for k, v in self.model.state_dict().items()},
                 "class_names": self.train_set.class_names, "category_ids": self.train_set.category_ids,
                 "val_size": data.val_size, "max_size": data.max_size}
         if weights_only:

@@ -202,6 +202,11 @@ def _model_config(cfg: DetectorConfig | ModelConfig) -> ModelConfig:
     return cfg.model if isinstance(cfg, DetectorConfig) else cfg
 
 
+def _standalone(state: Tensors) -> Tensors:
+    """Row-major copies sharing no storage (tied heads, channels_last weights): what safetensors takes."""
+    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in state.items()}
+
+
 def save_hf(model: DeformableDETR, cfg: DetectorConfig | ModelConfig, out_dir: str | Path,
             meta: dict[str, Any] | None = None) -> None:
     """Write config.json + model.safetensors that transformers' DeformableDetrForObjectDetection.from_pretrained
@@ -221,7 +226,7 @@ def save_hf(model: DeformableDETR, cfg: DetectorConfig | ModelConfig, out_dir: s
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "preprocessor_config.json").write_text(json.dumps(hf.preprocessor_config(meta), indent=2) + "\n")
-    save_file({k: v.clone() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    save_file(_standalone(state), out / "model.safetensors", metadata={"format": "pt"})
 
 
 def save_official(model: DeformableDETR, cfg: DetectorConfig | ModelConfig, path: str | Path,
@@ -250,7 +255,7 @@ def save_ddetr(model: DeformableDETR, cfg: DetectorConfig | ModelConfig, path: s
         # Shared per-layer heads are one tensor in memory; safetensors wants each stored separately.
         info = {"format": ckpt_io.FORMAT, "version": str(ckpt_io.VERSION), "config": json.dumps(cfg.to_dict()),
                 **{k: json.dumps(v) for k, v in meta.items()}}
-        save_file({k: v.clone() for k, v in state.items()}, path, metadata=info)
+        save_file(_standalone(state), path, metadata=info)
         return
     torch.save({"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "config": cfg.to_dict(), "model": state,
                 **meta}, path)

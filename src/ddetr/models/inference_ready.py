@@ -63,8 +63,7 @@ def prepare_for_inference(model: DeformableDETR) -> DeformableDETR:
     model.eval()
     if not model.backbone.is_timm:
         fold_resnet_batchnorm(model.backbone.body)
-        model.backbone.body.to(memory_format=torch.channels_last)
-        model.input_proj.to(memory_format=torch.channels_last)
+    model.use_channels_last()
     for p in model.parameters():
         p.requires_grad_(False)
     model.inference_only = True
