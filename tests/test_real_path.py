@@ -141,6 +141,32 @@ def test_predict_with_annotations_scores_like_eval(coco_mini):
         assert (value < 0 and expected is None) or value == pytest.approx(expected, abs=1e-12), name  # null: no GT
 
 
+def test_bf16_eval_and_predict_agree_with_fp32(coco_mini, tmp_path):
+    """--amp bf16 (autocast) gives the same top detections as fp32 and an AP within a point of it."""
+    root = coco_mini["root"]
+    code, _, err = run("eval", "--checkpoint", root / "official.pth", "--images", coco_mini["images"],
+                       "--annotations", coco_mini["gt"], *SIZE, "--amp", "bf16", "--out", tmp_path / "eval")
+    assert code == 0, err
+    fp32 = json.loads((root / "eval_official" / "metrics.json").read_text())
+    bf16 = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert abs(bf16["AP50"] - fp32["AP50"]) <= 0.01 and abs(bf16["AP"] - fp32["AP"]) <= 0.01
+    for amp in ("none", "bf16"):
+        code, _, err = run("predict", "--checkpoint", root / "official.pth", coco_mini["images"], "--threshold",
+                           "0.5", "--no-draw", *SIZE, "--amp", amp, "--out", tmp_path / amp)
+        assert code == 0, err
+    a, b = (json.loads((tmp_path / amp / "results.json").read_text()) for amp in ("none", "bf16"))
+    for ra, rb in zip(a, b):
+        top_a, top_b = ra["detections"][0], rb["detections"][0]
+        assert top_a["category_id"] == top_b["category_id"] == DOG
+        assert max(abs(x - y) for x, y in zip(top_a["box_xyxy"], top_b["box_xyxy"])) <= 2.0  # pixels
+        assert abs(top_a["score"] - top_b["score"]) <= 0.03
+
+
+def test_predict_refuses_amp_with_onnx_in_one_line(tmp_path):
+    code, _, err = run("predict", "--onnx", tmp_path / "m.onnx", tmp_path, "--amp", "bf16")
+    assert code == 2 and "--amp applies to --checkpoint" in err and "Traceback" not in err
+
+
 def test_predict_without_annotations_writes_file_names_not_invented_ids(coco_mini, tmp_path):
     root = coco_mini["root"]
     code, _, err = run("predict", "--checkpoint", root / "hf", coco_mini["images"], "--threshold", "0.5",

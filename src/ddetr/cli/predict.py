@@ -83,13 +83,13 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.checkpoint) == bool(args.onnx):
         raise ValueError("give exactly one of --checkpoint or --onnx")
+    if args.onnx and args.amp != "none":
+        raise ValueError("--amp applies to --checkpoint; an ONNX model runs in the precision it was exported in")
     paths = list_images(args.inputs)
     if not paths:
         raise ValueError(f"no images found in {args.inputs}")
     ids = image_ids_by_name(args.annotations) if args.annotations else None
     keep_freed_memory_on_cpu("cpu" if args.onnx else args.device)  # also refuses a device that is not here
-    if args.onnx and args.amp != "none":
-        raise ValueError("--amp applies to --checkpoint; an ONNX model runs in the precision it was exported in")
     if args.onnx:
         detector = Detector.from_onnx(args.onnx, size=args.size, max_size=args.max_size)
     else:
