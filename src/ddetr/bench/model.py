@@ -124,31 +124,41 @@ def matched_diffs(ref: tuple[torch.Tensor, torch.Tensor], other: tuple[torch.Ten
 
 
 class PartTimer:
-    """Accumulates the wall time spent inside named submodules (forward pre-hook to forward hook)."""
+    """Accumulates the wall time spent inside named groups of submodules (forward pre-hook to forward hook). A call
+    made inside another timed call (the heads inside a refining decoder) counts for the outer part only."""
 
-    def __init__(self, parts: dict[str, nn.Module], device: torch.device) -> None:
+    def __init__(self, parts: dict[str, list[nn.Module]], device: torch.device) -> None:
         self.totals = dict.fromkeys(parts, 0.0)
-        self._start: dict[str, float] = {}
+        self._open: list[tuple[nn.Module, str, float]] = []  # the outermost timed call in progress, if any
         self._handles = []
-        for name, module in parts.items():
-            self._handles.append(module.register_forward_pre_hook(self._pre(name, device)))
-            self._handles.append(module.register_forward_hook(self._post(name, device)))
+        for name, modules in parts.items():
+            for module in modules:
+                self._handles.append(module.register_forward_pre_hook(self._pre(name, device)))
+                self._handles.append(module.register_forward_hook(self._post(device)))
 
     def _pre(self, name: str, device: torch.device):
         def hook(module, args):
-            sync(device)
-            self._start[name] = time.perf_counter()
+            if not self._open:
+                sync(device)
+                self._open.append((module, name, time.perf_counter()))
         return hook
 
-    def _post(self, name: str, device: torch.device):
+    def _post(self, device: torch.device):
         def hook(module, args, output):
-            sync(device)
-            self.totals[name] += time.perf_counter() - self._start[name]
+            if self._open and self._open[0][0] is module:
+                sync(device)
+                _, name, start = self._open.pop()
+                self.totals[name] += time.perf_counter() - start
         return hook
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def split(backbone: nn.Module, encoder: nn.Module, decoder: nn.Module, heads: list[nn.Module],
+          ) -> dict[str, list[nn.Module]]:
+    return {"backbone": [backbone], "encoder": [encoder], "decoder": [decoder], "heads": heads}
 
 
 def hf_twin(model: DeformableDETR, device: torch.device) -> nn.Module:
@@ -182,7 +192,7 @@ def bench_preset(name: str, batch: int, size: tuple[int, int], device: torch.dev
     """Every measurement for one preset and batch size; HF columns are None for the dense baseline."""
     torch.manual_seed(0)
     cfg = preset(name)
-    model, criterion, _ = build(cfg)
+    model, criterion, postprocess = build(cfg, backbone_weights=False)  # random weights: timing only
     model.to(device)
     hf = None if cfg.model.dense_attention else hf_twin(model, device)
     images = torch.randn(batch, 3, *size, device=device)
@@ -204,15 +214,15 @@ def bench_preset(name: str, batch: int, size: tuple[int, int], device: torch.dev
     nets = {"ours": model}
     forward = {"ours": lambda: model(images, masks), "ready": lambda: ready(images, masks)}
     step = {"ours": ours_step}
-    timers = {impl: PartTimer({"backbone": net.backbone, "encoder": net.transformer.encoder,
-                               "decoder": net.transformer.decoder}, device)
+    timers = {impl: PartTimer(split(net.backbone, net.transformer.encoder, net.transformer.decoder,
+                                    [*net.class_embed, *net.bbox_embed]), device)
               for impl, net in (("ours", model), ("ready", ready))}
     if hf is not None:
         nets["hf"] = hf
         forward["hf"] = lambda: hf(pixel_values=images, pixel_mask=pixel_mask)
         step["hf"] = hf_step
-        timers["hf"] = PartTimer({"backbone": hf.model.backbone, "encoder": hf.model.encoder,
-                                  "decoder": hf.model.decoder}, device)
+        timers["hf"] = PartTimer(split(hf.model.backbone, hf.model.encoder, hf.model.decoder,
+                                       [*hf.class_embed, *hf.bbox_embed]), device)
 
     for net in nets.values():
         net.eval()
@@ -229,14 +239,23 @@ def bench_preset(name: str, batch: int, size: tuple[int, int], device: torch.dev
                 except Exception as exc:  # noqa: BLE001 - report a failing peer in the table, go on
                     row[f"{impl}_bf16_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
             bf16 = measure(low_forward, device, repeats)
+        sizes = torch.tensor([list(size)] * batch, device=device)
+        post = {"ours": lambda: postprocess(fp32["ours"].output, sizes)}
+        if hf is not None:
+            processor = transformers.DeformableDetrImageProcessor()
+            post["hf"] = lambda: processor.post_process_object_detection(fp32["hf"].output, 0.0, sizes, top_k=100)
+        post_s = measure(post, device, max(repeats, 5))
     for net in nets.values():
         net.train()
     train = measure(step, device, repeats)
+    for impl, result in post_s.items():
+        row[f"{impl}_post_s"] = result.best_s
 
     for impl in forward:
         row[f"{impl}_fp32_s"], row[f"{impl}_fp32_mib"] = fp32[impl].best_s, fp32[impl].peak_mib
         parts = fp32[impl].parts
-        row[f"{impl}_parts"] = {**parts, "rest": fp32[impl].best_s - sum(parts.values())}
+        row[f"{impl}_parts"] = {**parts, "rest": fp32[impl].best_s - sum(parts.values()),
+                                "post-processing": row.get(f"{impl}_post_s", row["ours_post_s"])}
         if impl in train:
             row[f"{impl}_train_s"], row[f"{impl}_train_mib"] = train[impl].best_s, train[impl].peak_mib
         if impl in bf16:
@@ -252,7 +271,10 @@ def bench_preset(name: str, batch: int, size: tuple[int, int], device: torch.dev
 
 
 def fmt(value: float | None, scale: float = 1.0) -> str:
-    return "—" if value is None else f"{value * scale:.0f}"
+    if value is None:
+        return "—"
+    value *= scale
+    return f"{value:.1f}" if abs(value) < 10 else f"{value:.0f}"
 
 
 def ratio(row: dict, key: str, impl: str = "ours") -> str:
@@ -308,8 +330,11 @@ def print_tables(rows: list[dict]) -> None:
                 parts = r[f"{impl}_parts"]
                 cells = [fmt(v, 1e3) for v in parts.values()]
                 lines.append(k + [impl] + cells + [fmt(sum(parts.values()), 1e3)])
-    table("where the fastest fp32 inference call spent its time, ms (rest: projections, positions, heads)",
-          ["preset", "batch", "impl", "backbone", "encoder", "decoder", "rest", "total"], lines)
+    table("where the fastest fp32 inference call spent its time, ms (heads: outside the decoder; rest: input "
+          "projections, positions, query and proposal selection); post-processing (top-k, boxes to pixels: "
+          "ours, or HF's post_process_object_detection) is timed on its own and included in the total",
+          ["preset", "batch", "impl", "backbone", "encoder", "decoder", "heads", "rest", "post-processing", "total"],
+          lines)
 
 
 def main(argv: list[str] | None = None) -> int:
