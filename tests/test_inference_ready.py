@@ -101,18 +101,6 @@ def test_fp16_inference_on_cpu_is_refused_in_one_line():
         Detector(model, label_meta(model.cfg.num_classes), amp="fp16")
 
 
-def test_fused_query_projection_trains_both_offsets_and_weights():
-    """Offsets and attention logits come from one GEMM over the concatenated weights: both still get gradients."""
-    model, criterion, _ = build(small("demo"))
-    perturb_(model)
-    images = torch.randn(1, 3, 64, 64)
-    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])}]
-    criterion(model(images), targets)["loss"].backward()
-    attn = model.transformer.encoder.layers[0].self_attn
-    for linear in (attn.sampling_offsets, attn.attention_weights):
-        assert linear.weight.grad is not None and linear.weight.grad.abs().sum() > 0
-
-
 def test_channels_last_model_saves_and_loads_in_every_format(tmp_path):
     """Training runs the ResNet in channels_last: safetensors (ours and HF) need row-major copies of its weights."""
     model, _, _ = build(small("demo"))

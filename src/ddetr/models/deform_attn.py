@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ddetr.ops import ms_deform_attn
@@ -78,12 +77,8 @@ class MSDeformAttn(nn.Module):
         if padding_mask is not None:
             v = v.masked_fill(padding_mask[..., None], 0.0)
         v = v.view(n, value.shape[1], m, self.d_model // m)
-        # One GEMM for both query projections (offsets and attention logits): the query is read once.
-        projected = F.linear(query, torch.cat([self.sampling_offsets.weight, self.attention_weights.weight]),
-                             torch.cat([self.sampling_offsets.bias, self.attention_weights.bias]))
-        offsets, logits = projected.split([m * lv * p * 2, m * lv * p], -1)
-        offsets = offsets.view(n, lq, m, lv, p, 2)
-        weights = logits.view(n, lq, m, lv * p).softmax(-1).view(n, lq, m, lv, p)
+        offsets = self.sampling_offsets(query).view(n, lq, m, lv, p, 2)
+        weights = self.attention_weights(query).view(n, lq, m, lv * p).softmax(-1).view(n, lq, m, lv, p)
         if reference_points.shape[-1] == 2:
             wh = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device) \
                 if not isinstance(spatial_shapes[0][0], torch.Tensor) else \
