@@ -132,6 +132,9 @@ def perturb_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch
     return module
 
 
+WALL_CLOCK = {"time", "steps_per_s", "data_wait"}  # metrics.jsonl keys that depend on the machine's speed
+
+
 # ---- the CLI ------------------------------------------------------------------------------------------------------
 @dataclass
 class CliResult:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ddetr_subprocess, single_thread
+from conftest import WALL_CLOCK, ddetr_subprocess, single_thread
 
 from ddetr.data.synthetic import generate
 from ddetr.engine import trainer as trainer_module
@@ -76,7 +76,7 @@ def final_weights(path: Path) -> dict[str, torch.Tensor]:
 def history(folder: Path) -> list[dict]:
     """metrics.jsonl without the wall-clock times (the rest must repeat exactly)."""
     lines = (folder / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK} for line in lines]
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
@@ -304,3 +304,9 @@ def test_train_config_checks_its_fields(field, value, message):
         OptimConfig(lr=-1.0)
     with pytest.raises(ValueError, match="crop_size"):
         DataConfig(crop_size=(600, 384))
+
+
+def test_metrics_report_training_speed_and_data_wait(finished):
+    """Each epoch logs its training steps/s and the share of that time spent waiting for the loader."""
+    entry = json.loads((finished / "metrics.jsonl").read_text().splitlines()[-1])
+    assert entry["steps_per_s"] > 0 and 0.0 <= entry["data_wait"] <= 1.0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fresh_log_handler, single_thread
+from conftest import WALL_CLOCK, fresh_log_handler, single_thread
 
 from ddetr.cli.main import main
 from ddetr.engine import trainer as trainer_module
@@ -129,7 +129,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def log_lines(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "time"}
+    return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK}
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 

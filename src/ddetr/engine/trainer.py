@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,7 @@ class Trainer:
                                      match_names=match_class_names)
             log.info("pretrained weights from %s: %s", pretrained, report)
         self._summaries = {name: self._data_summary(name) for name in ("train", "val")}
+        self._speed: dict[str, float] = {}  # this epoch's steps/s and share of time waiting for data (not saved)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def checkpoint(self, weights_only: bool = False) -> dict[str, Any]:
@@ -205,7 +207,10 @@ class Trainer:
         self._restore_rng()  # a mid-epoch checkpoint was saved after its loader had started
         bar = tqdm(batches, desc=f"epoch {st.epoch + 1}/{cfg.epochs}", disable=not dist.is_main(),
                    initial=st.step_in_epoch, total=st.step_in_epoch + len(loader), leave=False)
+        start = ready = time.perf_counter()
+        waited, steps = 0.0, 0
         for images, masks, targets in bar:
+            waited += time.perf_counter() - ready  # the loader had not yet decoded and augmented this batch
             images, masks = images.to(self.device), masks.to(self.device)
             targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -224,10 +229,14 @@ class Trainer:
             bar.set_postfix(loss=f"{values['loss']:.3f}")
             if writer is not None:
                 writer.add_scalar("train/loss", values["loss"], st.global_step)
+            steps += 1
             if budget.check_step(st, self.optimizer):
                 if st.step_in_epoch < len(loader.sampler) // cfg.batch_size:
                     log.info("time budget spent after %d steps of epoch %d", st.step_in_epoch, st.epoch + 1)
                 break
+            ready = time.perf_counter()
+        seconds = max(time.perf_counter() - start, 1e-9)
+        self._speed = {"steps_per_s": round(steps / seconds, 3), "data_wait": round(waited / seconds, 3)}
         if st.step_in_epoch % cfg.accumulate:
             self._optimizer_step()
         st.loss_sums = self._rank_mean(st.loss_sums)
@@ -254,7 +263,7 @@ class Trainer:
             metrics, _ = evaluate(self.model, self.postprocess, val_loader, self.device,
                                   self.train_set.category_ids, self.amp_dtype)
         st.elapsed = budget.elapsed()
-        entry = {"epoch": st.epoch, "time": round(st.elapsed, 1), **st.epoch_losses(),
+        entry = {"epoch": st.epoch, "time": round(st.elapsed, 1), **self._speed, **st.epoch_losses(),
                  **{f"val_{k}": v for k, v in metrics.items()}}
         st.history.append(json_safe(entry))
         st.epoch_trained, st.loss_sums, st.loss_count = False, {}, 0
@@ -352,8 +361,10 @@ class Trainer:
                     writer.add_scalar(f"epoch/{k}", v, entry["epoch"])
         loss = entry.get("loss")
         ap = f" AP {metrics['AP']:.3f} AP50 {metrics['AP50']:.3f}" if metrics else ""
+        speed = (f"; {entry['steps_per_s']:.2f} steps/s, {entry['data_wait']:.0%} of it waiting for data"
+                 if "steps_per_s" in entry else "")
         tqdm.write(f"epoch {entry['epoch']}: loss {'n/a' if loss is None else f'{loss:.4f}'}{ap} "
-                   f"({self.state.elapsed:.0f}s)")
+                   f"({self.state.elapsed:.0f}s{speed})")
         for name in ("train", "val"):
             summary = self._data_summary(name)
             if summary != self._summaries[name]:
