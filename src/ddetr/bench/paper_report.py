@@ -100,7 +100,8 @@ def claims(results: dict[str, Any]) -> list[str]:
         epochs, seconds = results["equal_epochs"], results["settings"]["budget"]
         for name in (n for n in p if n != "demo-detr"):
             reached = first_epoch_reaching(p[name]["epochs"], target) if target else None
-            when = (f"at epoch {reached} ({epochs / reached:.1f}x fewer epochs)" if reached else
+            bound = "at least " if reached == 1 else ""  # reached by its first evaluation: the ratio is a bound
+            when = (f"at epoch {reached} ({bound}{epochs / reached:.1f}x fewer epochs)" if reached else
                     "(no ratio: DETR's AP50 is 0)" if not target else f"not within {epochs}")
             out.append(f"Convergence: `{name}` reaches DETR's AP50 after {epochs} epochs ({pct(target)}) {when}.")
             budget = _final(p[name]["budget"]).get("AP50")
