@@ -310,3 +310,16 @@ def test_metrics_report_training_speed_and_data_wait(finished):
     """Each epoch logs its training steps/s and the share of that time spent waiting for the loader."""
     entry = json.loads((finished / "metrics.jsonl").read_text().splitlines()[-1])
     assert entry["steps_per_s"] > 0 and 0.0 <= entry["data_wait"] <= 1.0
+
+
+def test_training_runs_channels_last_and_saves_row_major(tiny_data, tmp_path):
+    """A torchvision ResNet trains in channels_last (oneDNN's layout); checkpoints hold plain row-major copies."""
+    cfg = tiny_config(tiny_data, tmp_path / "run", epochs=1)
+    cfg.detector.model.backbone = "resnet18"
+    trainer = Trainer(cfg)
+    conv = trainer.model.backbone.body.layer2[0].conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    trainer.save("last")
+    saved = final_weights(tmp_path / "run" / "last.pth")
+    assert all(t.is_contiguous() for t in saved.values())
+    assert torch.equal(saved["backbone.body.layer2.0.conv1.weight"], conv)
