@@ -69,6 +69,11 @@ class MSDeformAttn(nn.Module):
         ``value_pos`` is ignored: it is there for the call signature shared with `DenseAttention`, whose keys need
         it; here the sampling locations carry the position.
         """
+        return self.output_proj(self.sample(query, reference_points, value, spatial_shapes, padding_mask))
+
+    def sample(self, query: torch.Tensor, reference_points: torch.Tensor, value: torch.Tensor,
+               spatial_shapes: Shapes, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention before ``output_proj``: the heads' weighted samples, concatenated, (N, Lq, C)."""
         n, lq, _ = query.shape
         m, lv, p = self.n_heads, self.n_levels, self.n_points
         if len(spatial_shapes) != lv:
@@ -83,7 +88,9 @@ class MSDeformAttn(nn.Module):
             wh = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device) \
                 if not isinstance(spatial_shapes[0][0], torch.Tensor) else \
                 torch.stack([torch.stack([w, h]) for h, w in spatial_shapes]).to(offsets)
-            locations = reference_points[:, :, None, :, None, :] + offsets / wh[None, None, None, :, None, :]
+            # ref + offsets / (W, H) in one pass over the (N, Lq, M, L, P, 2) tensor
+            locations = torch.addcmul(reference_points[:, :, None, :, None, :], offsets,
+                                      wh.reciprocal()[None, None, None, :, None, :])
         elif reference_points.shape[-1] == 4:
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / p * reference_points[:, :, None, :, None, 2:] * 0.5)
@@ -92,7 +99,7 @@ class MSDeformAttn(nn.Module):
         if self.recorder is not None:
             self.recorder(AttentionSample(locations.detach(), weights.detach(), reference_points.detach(),
                                           [(int(h), int(w)) for h, w in spatial_shapes]))
-        return self.output_proj(ms_deform_attn(v, spatial_shapes, None, locations, weights, backend=self.backend))
+        return ms_deform_attn(v, spatial_shapes, None, locations, weights, backend=self.backend)
 
 
 def initial_offset_bias(n_heads: int, n_levels: int, n_points: int) -> torch.Tensor:

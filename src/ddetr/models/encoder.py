@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ddetr.models.deform_attn import MSDeformAttn
+
 Shapes = list[tuple[int, int]]
 AttentionFactory = Callable[[], nn.Module]  # builds MSDeformAttn, or DenseAttention for the DETR baseline
 
@@ -27,6 +29,8 @@ class FFNLayer(nn.Module):
 class EncoderLayer(FFNLayer):
     """Self-attention of every pixel (query = feature + position) around its own location, then an FFN."""
 
+    CHUNK = 2048  # pixels per step of the inference path; 1024-4096 measured alike, 2048 best by a little
+
     def __init__(self, make_attn: AttentionFactory, d_model: int, dim_feedforward: int, dropout: float) -> None:
         super().__init__()
         self.self_attn = make_attn()
@@ -37,9 +41,36 @@ class EncoderLayer(FFNLayer):
 
     def forward(self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor, shapes: Shapes,
                 padding_mask: torch.Tensor) -> torch.Tensor:
+        if self._in_chunks():
+            return self._forward_in_chunks(src, pos, reference_points, shapes, padding_mask)
         attn = self.self_attn(src + pos, reference_points, src, shapes, padding_mask, value_pos=pos)
         src = self.norm1(src + self.dropout1(attn))
         return self.norm2(self.ffn(src))
+
+    def _in_chunks(self) -> bool:
+        """Inference without autograd or export: nothing is kept for a backward pass, and dropout is off."""
+        return (not self.training and not torch.is_grad_enabled() and isinstance(self.self_attn, MSDeformAttn)
+                and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()))
+
+    def _forward_in_chunks(self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
+                           shapes: Shapes, padding_mask: torch.Tensor) -> torch.Tensor:
+        """The same layer with everything after the sampling done CHUNK pixels at a time.
+
+        At the encoder's size (22k pixels at 800x1333) the FFN's hidden activations (91 MB) leave the cache, and
+        the residual adds, ReLU and bias copies each stream the whole map through memory; in chunks they stay in
+        L2/L3 and the residuals ride on the GEMMs. Measured 1.15-1.3x for the whole detector (README, speed).
+        """
+        sampled = self.self_attn.sample(src + pos, reference_points, src, shapes, padding_mask)
+        n, s, c = src.shape
+        rows, sampled = src.reshape(n * s, c), sampled.reshape(n * s, c)
+        out = torch.empty_like(rows)
+        proj = self.self_attn.output_proj
+        for i in range(0, n * s, self.CHUNK):
+            j = min(i + self.CHUNK, n * s)
+            x = self.norm1(torch.addmm(rows[i:j], sampled[i:j], proj.weight.t()).add_(proj.bias))
+            hidden = torch.addmm(self.linear1.bias, x, self.linear1.weight.t()).relu_()
+            out[i:j] = self.norm2(torch.addmm(x, hidden, self.linear2.weight.t()).add_(self.linear2.bias))
+        return out.view(n, s, c)
 
 
 class Encoder(nn.Module):
