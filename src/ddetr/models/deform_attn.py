@@ -73,24 +73,32 @@ class MSDeformAttn(nn.Module):
 
     def sample(self, query: torch.Tensor, reference_points: torch.Tensor, value: torch.Tensor,
                spatial_shapes: Shapes, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The attention before ``output_proj``: the heads' weighted samples, concatenated, (N, Lq, C)."""
+        """The attention before ``output_proj``: the heads' weighted samples, concatenated, (N, Lq, C).
+
+        ``reference_points`` may also come from `expand_reference_points`, which layers sharing them compute once.
+        """
         n, lq, _ = query.shape
         m, lv, p = self.n_heads, self.n_levels, self.n_points
         if len(spatial_shapes) != lv:
             raise ValueError(f"module expects {lv} levels, got spatial_shapes for {len(spatial_shapes)}")
         v = self.value_proj(value)
         if padding_mask is not None:
-            v = v.masked_fill(padding_mask[..., None], 0.0)
+            v.masked_fill_(padding_mask[..., None], 0.0)
         v = v.view(n, value.shape[1], m, self.d_model // m)
         offsets = self.sampling_offsets(query).view(n, lq, m, lv, p, 2)
         weights = self.attention_weights(query).view(n, lq, m, lv * p).softmax(-1).view(n, lq, m, lv, p)
-        if reference_points.shape[-1] == 2:
+        if reference_points.dim() == 6 or reference_points.shape[-1] == 2:
             wh = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device) \
                 if not isinstance(spatial_shapes[0][0], torch.Tensor) else \
                 torch.stack([torch.stack([w, h]) for h, w in spatial_shapes]).to(offsets)
-            # ref + offsets / (W, H) in one pass over the (N, Lq, M, L, P, 2) tensor
-            locations = torch.addcmul(reference_points[:, :, None, :, None, :], offsets,
-                                      wh.reciprocal()[None, None, None, :, None, :])
+            if reference_points.dim() == 6:  # expanded: ref + offsets / (W, H) in one vectorised pass
+                scale = wh.reciprocal()[None, :, None, :].expand(m, lv, p, 2).reshape(-1)
+                locations = torch.addcmul(reference_points.view(n, lq, -1), offsets.view(n, lq, -1), scale)
+                locations = locations.view(offsets.shape)
+                reference_points = reference_points[:, :, 0, :, 0, :]
+            else:
+                locations = torch.addcmul(reference_points[:, :, None, :, None, :], offsets,
+                                          wh.reciprocal()[None, None, None, :, None, :])
         elif reference_points.shape[-1] == 4:
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / p * reference_points[:, :, None, :, None, 2:] * 0.5)
@@ -100,6 +108,11 @@ class MSDeformAttn(nn.Module):
             self.recorder(AttentionSample(locations.detach(), weights.detach(), reference_points.detach(),
                                           [(int(h), int(w)) for h, w in spatial_shapes]))
         return ms_deform_attn(v, spatial_shapes, None, locations, weights, backend=self.backend)
+
+    def expand_reference_points(self, reference_points: torch.Tensor) -> torch.Tensor:
+        """(N, Lq, L, 2) -> (N, Lq, M, L, P, 2), contiguous, so that adding the offsets is one vectorised pass."""
+        n, lq, lv, _ = reference_points.shape
+        return reference_points[:, :, None, :, None, :].expand(n, lq, self.n_heads, lv, self.n_points, 2).contiguous()
 
 
 def initial_offset_bias(n_heads: int, n_levels: int, n_points: int) -> torch.Tensor:

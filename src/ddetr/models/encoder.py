@@ -82,6 +82,8 @@ class Encoder(nn.Module):
                 padding_mask: torch.Tensor) -> torch.Tensor:
         """src, pos (B, S, C) flattened levels; ratios (B, L, 2) valid fractions; padding_mask (B, S) -> (B, S, C)."""
         reference_points = encoder_reference_points(shapes, ratios)
+        if isinstance(self.layers[0].self_attn, MSDeformAttn):
+            reference_points = self.layers[0].self_attn.expand_reference_points(reference_points)
         for layer in self.layers:
             src = layer(src, pos, reference_points, shapes, padding_mask)
         return src
