@@ -27,6 +27,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -188,8 +189,12 @@ def random_targets(batch: int, num_classes: int, device: torch.device) -> list[d
     return out
 
 
-def bench_preset(name: str, batch: int, size: tuple[int, int], device: torch.device, repeats: int) -> dict:
-    """Every measurement for one preset and batch size; HF columns are None for the dense baseline."""
+def bench_preset(name: str, batch: int, size: tuple[int, int], device: torch.device, repeats: int,
+                 train_precisions: tuple[str, ...] = ("fp32", "bf16")) -> dict:
+    """Every measurement for one preset and batch size; HF columns are None for the dense baseline.
+
+    ``train_precisions``: the training steps to time, "fp32" and/or "bf16" (autocast); none skips training.
+    """
     torch.manual_seed(0)
     cfg = preset(name)
     model, criterion, postprocess = build(cfg, backbone_weights=False)  # random weights: timing only
@@ -202,12 +207,16 @@ def bench_preset(name: str, batch: int, size: tuple[int, int], device: torch.dev
     hf_labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
     row: dict = {"preset": name, "batch": batch}
 
-    def ours_step():
-        criterion(model(images, masks), targets)["loss"].backward()
+    def ours_step(amp: bool):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = criterion(model(images, masks), targets)["loss"]
+        loss.backward()
         model.zero_grad(set_to_none=True)
 
-    def hf_step():
-        hf(pixel_values=images, pixel_mask=pixel_mask, labels=hf_labels).loss.backward()
+    def hf_step(amp: bool):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = hf(pixel_values=images, pixel_mask=pixel_mask, labels=hf_labels).loss
+        loss.backward()
         hf.zero_grad(set_to_none=True)
 
     ready = prepare_for_inference(copy.deepcopy(model))  # what Detector, predict and eval run
@@ -247,7 +256,9 @@ def bench_preset(name: str, batch: int, size: tuple[int, int], device: torch.dev
         post_s = measure(post, device, max(repeats, 5))
     for net in nets.values():
         net.train()
-    train = measure(step, device, repeats)
+    train = {precision: measure({impl: partial(fn, precision == "bf16") for impl, fn in step.items()}, device,
+                                repeats)
+             for precision in train_precisions}
     for impl, result in post_s.items():
         row[f"{impl}_post_s"] = result.best_s
 
@@ -256,8 +267,10 @@ def bench_preset(name: str, batch: int, size: tuple[int, int], device: torch.dev
         parts = fp32[impl].parts
         row[f"{impl}_parts"] = {**parts, "rest": fp32[impl].best_s - sum(parts.values()),
                                 "post-processing": row.get(f"{impl}_post_s", row["ours_post_s"])}
-        if impl in train:
-            row[f"{impl}_train_s"], row[f"{impl}_train_mib"] = train[impl].best_s, train[impl].peak_mib
+        for precision, results in train.items():
+            if impl in results:
+                row[f"{impl}_train_{precision}_s"] = results[impl].best_s
+                row[f"{impl}_train_{precision}_mib"] = results[impl].peak_mib
         if impl in bf16:
             row[f"{impl}_bf16_s"] = bf16[impl].best_s
             diffs = matched_diffs(as_pair(fp32[impl].output), as_pair(bf16[impl].output))
@@ -303,10 +316,12 @@ def print_tables(rows: list[dict]) -> None:
     key = [[r["preset"], str(r["batch"])] for r in rows]
     table("fp32 inference (eval, no_grad); ready: prepared for inference as Detector/predict/eval run it "
           "(BatchNorm folded, channels_last); differences: max abs (logits, boxes), query order free",
-          ["preset", "batch", "ours ms", "ready ms", "HF ms", "HF/ours", "HF/ready", "ours peak MiB",
-           "HF peak MiB", "ours vs HF", "ready vs ours"],
+          ["preset", "batch", "ours ms", "ready ms", "HF ms", "HF/ours", "HF/ready", "ready img/s", "HF img/s",
+           "ours peak MiB", "HF peak MiB", "ours vs HF", "ready vs ours"],
           [k + [fmt(r["ours_fp32_s"], 1e3), fmt(r["ready_fp32_s"], 1e3), fmt(r.get("hf_fp32_s"), 1e3),
-                ratio(r, "fp32_s"), ratio(r, "fp32_s", "ready"), fmt(r["ours_fp32_mib"]), fmt(r.get("hf_fp32_mib")),
+                ratio(r, "fp32_s"), ratio(r, "fp32_s", "ready"), f"{r['batch'] / r['ready_fp32_s']:.2f}",
+                f"{r['batch'] / r['hf_fp32_s']:.2f}" if "hf_fp32_s" in r else "—",
+                fmt(r["ours_fp32_mib"]), fmt(r.get("hf_fp32_mib")),
                 f"{r['parity_logits']:.1e}, {r['parity_boxes']:.1e}" if "parity_logits" in r else "—",
                 f"{r['ready_logits']:.1e}, {r['ready_boxes']:.1e}"]
            for k, r in zip(key, rows)])
@@ -318,11 +333,13 @@ def print_tables(rows: list[dict]) -> None:
                 ratio(r, "bf16_s", "ready"),
                 f"{r['hf_fp32_s'] / r['ready_bf16_s']:.2f}x" if "hf_fp32_s" in r and "ready_bf16_s" in r else "—",
                 bf16_cell(r, "ready"), bf16_cell(r, "hf")] for k, r in zip(key, rows)])
-    table("one training step (train mode: forward + loss + backward)",
-          ["preset", "batch", "ours ms", "HF ms", "HF/ours", "ours peak MiB", "HF peak MiB", "HF/ours mem"],
-          [k + [fmt(r["ours_train_s"], 1e3), fmt(r.get("hf_train_s"), 1e3), ratio(r, "train_s"),
-                fmt(r["ours_train_mib"]), fmt(r.get("hf_train_mib")), ratio(r, "train_mib")]
-           for k, r in zip(key, rows)])
+    if any("ours_train_fp32_s" in r or "ours_train_bf16_s" in r for r in rows):
+        table("one training step (train mode: forward + loss + backward; bf16: forward and loss under autocast)",
+              ["preset", "batch", "precision", "ours ms", "HF ms", "HF/ours", "ours peak MiB", "HF peak MiB",
+               "HF/ours mem"],
+              [k + [p, fmt(r[f"ours_train_{p}_s"], 1e3), fmt(r.get(f"hf_train_{p}_s"), 1e3), ratio(r, f"train_{p}_s"),
+                    fmt(r[f"ours_train_{p}_mib"]), fmt(r.get(f"hf_train_{p}_mib")), ratio(r, f"train_{p}_mib")]
+               for k, r in zip(key, rows) for p in ("fp32", "bf16") if f"ours_train_{p}_s" in r])
     lines = []
     for k, r in zip(key, rows):
         for impl in ("ours", "ready", "hf"):
@@ -345,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"))
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement, after a warm-up")
+    parser.add_argument("--train", nargs="+", choices=["fp32", "bf16", "none"], default=["fp32", "bf16"],
+                        help="training steps to time (none: inference only, e.g. for batch sizes whose HF training "
+                             "step does not fit in memory)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="256x320 images: a smoke test")
     args = parser.parse_args(argv)
@@ -361,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.presets:
         for batch in args.batch:
             print(f"... {name} batch {batch}", flush=True)
-            rows.append(bench_preset(name, batch, tuple(args.size), device, args.repeats))
+            rows.append(bench_preset(name, batch, tuple(args.size), device, args.repeats,
+                                     tuple(p for p in args.train if p != "none")))
     print_tables(rows)
     return 0
 
