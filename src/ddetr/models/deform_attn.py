@@ -62,14 +62,20 @@ class MSDeformAttn(nn.Module):
 
     def forward(self, query: torch.Tensor, reference_points: torch.Tensor, value: torch.Tensor,
                 spatial_shapes: Shapes, padding_mask: torch.Tensor | None = None,
-                value_pos: torch.Tensor | None = None) -> torch.Tensor:
+                value_pos: torch.Tensor | None = None, unprojected_value: torch.Tensor | None = None,
+                ) -> torch.Tensor:
         """query (N, Lq, C); reference_points (N, Lq, L, 2) as (x, y) or (N, Lq, L, 4) as (cx, cy, w, h), in [0, 1];
         value (N, S, C) flattened levels; padding_mask (N, S) True on padding. Returns (N, Lq, C).
 
         ``value_pos`` is ignored: it is there for the call signature shared with `DenseAttention`, whose keys need
-        it; here the sampling locations carry the position.
+        it; here the sampling locations carry the position. ``unprojected_value``: `unprojected_value(value,
+        padding_mask)`, to sample before projecting (`sample_unprojected`; the decoder's inference path).
         """
-        return self.output_proj(self.sample(query, reference_points, value, spatial_shapes, padding_mask))
+        if unprojected_value is not None:
+            sampled = self.sample_unprojected(query, reference_points, unprojected_value, spatial_shapes)
+        else:
+            sampled = self.sample(query, reference_points, value, spatial_shapes, padding_mask)
+        return self.output_proj(sampled)
 
     def sample(self, query: torch.Tensor, reference_points: torch.Tensor, value: torch.Tensor,
                spatial_shapes: Shapes, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,14 +83,38 @@ class MSDeformAttn(nn.Module):
 
         ``reference_points`` may also come from `expand_reference_points`, which layers sharing them compute once.
         """
+        n = query.shape[0]
+        locations, weights = self._locations_and_weights(query, reference_points, spatial_shapes)
+        v = self.value_proj(value)
+        if padding_mask is not None:
+            v.masked_fill_(padding_mask[..., None], 0.0)
+        v = v.view(n, value.shape[1], self.n_heads, self.d_model // self.n_heads)
+        return ms_deform_attn(v, spatial_shapes, None, locations, weights, backend=self.backend)
+
+    def sample_unprojected(self, query: torch.Tensor, reference_points: torch.Tensor, memory: torch.Tensor,
+                           spatial_shapes: Shapes) -> torch.Tensor:
+        """`sample` for few queries: samples the memory itself and projects the samples. ``memory`` (N, S, C + 1)
+        is `unprojected_value`'s: features zeroed on padding, then a channel that is 1 on valid pixels.
+
+        value_proj is linear, so W (sum w x) + b (sum w valid) = sum w (W x + b) with padding zeroed, at
+        Lq M L P 4 gathers of C + 1 channels instead of S C^2 multiply-adds (at 800x1333: 40 M instead of 1.5 G
+        per decoder layer). Equal up to rounding.
+        """
+        n, lq, _ = query.shape
+        m, d, lv, p = self.n_heads, self.d_model // self.n_heads, self.n_levels, self.n_points
+        locations, weights = self._locations_and_weights(query, reference_points, spatial_shapes)
+        sampled = ms_deform_attn(memory[:, :, None], spatial_shapes, None, locations.view(n, lq * m, 1, lv, p, 2),
+                                 weights.view(n, lq * m, 1, lv, p), backend=self.backend).view(n, lq, m, -1)
+        out = torch.einsum("nqmc,mdc->nqmd", sampled[..., :-1], self.value_proj.weight.view(m, d, -1))
+        return (out + sampled[..., -1:] * self.value_proj.bias.view(m, d)).reshape(n, lq, m * d)
+
+    def _locations_and_weights(self, query: torch.Tensor, reference_points: torch.Tensor, spatial_shapes: Shapes,
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampling locations (N, Lq, M, L, P, 2) and softmaxed weights (N, Lq, M, L, P); recorded if asked."""
         n, lq, _ = query.shape
         m, lv, p = self.n_heads, self.n_levels, self.n_points
         if len(spatial_shapes) != lv:
             raise ValueError(f"module expects {lv} levels, got spatial_shapes for {len(spatial_shapes)}")
-        v = self.value_proj(value)
-        if padding_mask is not None:
-            v.masked_fill_(padding_mask[..., None], 0.0)
-        v = v.view(n, value.shape[1], m, self.d_model // m)
         offsets = self.sampling_offsets(query).view(n, lq, m, lv, p, 2)
         weights = self.attention_weights(query).view(n, lq, m, lv * p).softmax(-1).view(n, lq, m, lv, p)
         if reference_points.dim() == 6 or reference_points.shape[-1] == 2:
@@ -107,12 +137,34 @@ class MSDeformAttn(nn.Module):
         if self.recorder is not None:
             self.recorder(AttentionSample(locations.detach(), weights.detach(), reference_points.detach(),
                                           [(int(h), int(w)) for h, w in spatial_shapes]))
-        return ms_deform_attn(v, spatial_shapes, None, locations, weights, backend=self.backend)
+        return locations, weights
 
     def expand_reference_points(self, reference_points: torch.Tensor) -> torch.Tensor:
         """(N, Lq, L, 2) -> (N, Lq, M, L, P, 2), contiguous, so that adding the offsets is one vectorised pass."""
         n, lq, lv, _ = reference_points.shape
         return reference_points[:, :, None, :, None, :].expand(n, lq, self.n_heads, lv, self.n_points, 2).contiguous()
+
+
+def unprojected_value(memory: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    """(N, S, C) memory, (N, S) padding -> (N, S, C + 1) for `MSDeformAttn.sample_unprojected`: the features with
+    padding zeroed and a last channel that is 1 on valid pixels (it carries the bias through the sampling)."""
+    valid = (~padding_mask)[..., None].to(memory.dtype)
+    return torch.cat([memory * valid, valid], -1)
+
+
+def fast_inference(module: nn.Module, bypassed: list[nn.Module]) -> bool:
+    """Inference without autograd, tracing or export, where paths that keep no activations for a backward may run.
+
+    ``bypassed``: the modules such a path uses through their weights instead of calling them; a forward hook on any
+    of them (or a global one) keeps the path as written, so that every hook sees its call.
+    """
+    if module.training or torch.is_grad_enabled():
+        return False
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return False
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for b in bypassed for m in b.modules())
 
 
 def initial_offset_bias(n_heads: int, n_levels: int, n_points: int) -> torch.Tensor:
