@@ -101,3 +101,19 @@ def test_a_hook_on_a_bypassed_module_keeps_the_layer_as_written(chunk_calls) -> 
     with torch.no_grad():
         plain = model(images, masks)
     assert (hooked["pred_boxes"] - plain["pred_boxes"]).abs().max() < 1e-5
+
+
+def test_bench_predict_baseline_runs_the_layers_as_written(chunk_calls) -> None:
+    """`ddetr bench predict` compares against ddetr 0.1's loop: its model must not take the inference paths."""
+    from ddetr.bench.predict import layers_as_written
+
+    torch.manual_seed(0)
+    model = DeformableDETR(small("deformable-detr", enc_layers=2).model).eval()
+    legacy = layers_as_written(model)
+    images, masks = padded_batch()
+    with torch.no_grad():
+        old = legacy(images, masks)
+        assert not chunk_calls
+        new = model(images, masks)
+    assert [tag for tag, _ in chunk_calls] == ["encoder"] * 2 + ["decoder"] * 3
+    assert (old["pred_boxes"] - new["pred_boxes"]).abs().max() < 1e-5

@@ -41,15 +41,17 @@ class EncoderLayer(FFNLayer):
 
     def forward(self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor, shapes: Shapes,
                 padding_mask: torch.Tensor) -> torch.Tensor:
-        if self._in_chunks():
+        if self._in_chunks(src):
             return self._forward_in_chunks(src, pos, reference_points, shapes, padding_mask)
         attn = self.self_attn(src + pos, reference_points, src, shapes, padding_mask, value_pos=pos)
         src = self.norm1(src + self.dropout1(attn))
         return self.norm2(self.ffn(src))
 
-    def _in_chunks(self) -> bool:
-        """Inference without autograd or export: nothing is kept for a backward pass, and dropout is off."""
-        return isinstance(self.self_attn, MSDeformAttn) and fast_inference(self, list(self.children()))
+    def _in_chunks(self, src: torch.Tensor) -> bool:
+        """CPU inference without autograd or export: nothing is kept for a backward pass, and dropout is off. (On a
+        GPU the whole-map ops are not memory-bound in the same way, and chunks would only add kernel launches.)"""
+        return (src.device.type == "cpu" and isinstance(self.self_attn, MSDeformAttn)
+                and fast_inference(self, list(self.children())))
 
     def _forward_in_chunks(self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
                            shapes: Shapes, padding_mask: torch.Tensor) -> torch.Tensor:
