@@ -8,6 +8,7 @@ from torch import nn
 from ddetr.models.box_ops import apply_box_delta
 from ddetr.models.deform_attn import MSDeformAttn, fast_inference, unprojected_value
 from ddetr.models.encoder import AttentionFactory, FFNLayer, Shapes
+from ddetr.ops.dropout import Dropout
 
 
 class DecoderLayer(FFNLayer):
@@ -19,10 +20,10 @@ class DecoderLayer(FFNLayer):
         # Official names: norm1/dropout1 belong to cross-attention and norm2/dropout2 to self-attention, because the
         # self-attention was added after the cross-attention's names existed.
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.cross_attn = make_attn()
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self._init_ffn(d_model, dim_feedforward, dropout)
         self.norm3 = nn.LayerNorm(d_model)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ddetr.models.deform_attn import MSDeformAttn, fast_inference
+from ddetr.ops.dropout import Dropout
 
 Shapes = list[tuple[int, int]]
 AttentionFactory = Callable[[], nn.Module]  # builds MSDeformAttn, or DenseAttention for the DETR baseline
@@ -19,8 +20,8 @@ class FFNLayer(nn.Module):
     def _init_ffn(self, d_model: int, dim_feedforward: int, dropout: float) -> None:
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.dropout_ffn1 = nn.Dropout(dropout)
-        self.dropout_ffn2 = nn.Dropout(dropout)
+        self.dropout_ffn1 = Dropout(dropout)
+        self.dropout_ffn2 = Dropout(dropout)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.dropout_ffn2(self.linear2(self.dropout_ffn1(torch.relu(self.linear1(x)))))
@@ -34,7 +35,7 @@ class EncoderLayer(FFNLayer):
     def __init__(self, make_attn: AttentionFactory, d_model: int, dim_feedforward: int, dropout: float) -> None:
         super().__init__()
         self.self_attn = make_attn()
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self._init_ffn(d_model, dim_feedforward, dropout)
         self.norm2 = nn.LayerNorm(d_model)

@@ -34,6 +34,7 @@ from torch import Tensor
 from ddetr.ops.ms_deform_attn import Shapes, register_backend
 
 _SOURCE = Path(__file__).parent / "csrc" / "ms_deform_attn_cpu.cpp"
+_SOURCES = [_SOURCE, _SOURCE.parent / "dropout_cpu.cpp"]  # one library: the operator and the training dropout
 # -fno-trapping-math lets GCC vectorise the branch-free coordinate loops; it does not change any result.
 # -mprefer-vector-width=512 fills a 16-sample table in one AVX-512 pass (5.8 -> 4.1 ns per sample in isolation).
 _CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-trapping-math", "-fopenmp"]
@@ -87,7 +88,7 @@ def _build(path: Path) -> None:
     staging.mkdir(parents=True, exist_ok=True)
     print(f"ddetr: building the fused CPU kernel (once per torch version and CPU, about half a minute) in {path}",
           file=sys.stderr)
-    built = load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
+    built = load(name=_NAME, sources=[str(path) for path in _SOURCES], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
                  build_directory=str(staging), is_python_module=False, verbose=False)
     partial = path / f".{_NAME}.{os.getpid()}.so"
     shutil.copyfile(built, partial)

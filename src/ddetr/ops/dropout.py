@@ -1,0 +1,67 @@
+"""Dropout whose CPU training path is one fused pass (``csrc/dropout_cpu.cpp``) instead of PyTorch's bernoulli_
+mask and multiply: the masks were the largest elementwise cost of a CPU training step (README, speed).
+
+Same distribution (each element kept with probability 1 - p, to within 2^-33, and scaled by 1 / (1 - p)); the
+random numbers come from a per-call seed drawn from torch's default generator, so ``torch.manual_seed`` makes runs
+repeatable, but they differ from ``nn.Dropout``'s. Everywhere else (eval, GPU, tracing, no extension) it is
+``nn.Dropout``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddetr.ops.cpu_kernel import extension_loaded
+
+
+@torch.library.custom_op("ddetr::dropout_cpu", mutates_args=(), device_types="cpu")
+def dropout_cpu(x: Tensor, p: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(x with dropped elements zeroed and the rest scaled by 1 / (1 - p), the bool keep mask)."""
+    return torch.ops.ddetr_msda_cpu.dropout_forward(x, p, seed)
+
+
+@dropout_cpu.register_fake
+def _(x: Tensor, p: float, seed: int) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape, dtype=torch.bool)
+
+
+@torch.library.custom_op("ddetr::dropout_cpu_backward", mutates_args=(), device_types="cpu")
+def dropout_cpu_backward(grad: Tensor, mask: Tensor, p: float) -> Tensor:
+    return torch.ops.ddetr_msda_cpu.dropout_backward(grad, mask, p)
+
+
+@dropout_cpu_backward.register_fake
+def _(grad: Tensor, mask: Tensor, p: float) -> Tensor:
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.p = inputs[1]
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad: Tensor, _grad_mask: Tensor | None) -> tuple[Tensor, None, None]:
+    (mask,) = ctx.saved_tensors
+    return dropout_cpu_backward(grad, mask, ctx.p), None, None
+
+
+dropout_cpu.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """``F.dropout(x, p, training)``, through the fused kernel for CPU training."""
+    if (not training or p == 0.0 or x.device.type != "cpu" or torch.jit.is_tracing()
+            or torch.compiler.is_compiling() or not extension_loaded()):
+        return F.dropout(x, p, training)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    return dropout_cpu(x, p, seed)[0]
+
+
+class Dropout(nn.Dropout):
+    """`nn.Dropout` (same name in state dicts and reprs: it has no state) with the fused CPU training path."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)

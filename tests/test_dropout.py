@@ -1,0 +1,80 @@
+"""The fused CPU training dropout (issue #14): nn.Dropout's distribution and gradient, repeatable under
+torch.manual_seed for any thread count, and plain nn.Dropout wherever it does not apply."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ddetr.models import DeformableDETR, preset
+from ddetr.ops.cpu_kernel import extension_loaded
+from ddetr.ops.dropout import Dropout, dropout, dropout_cpu
+
+pytestmark = pytest.mark.skipif(not extension_loaded(), reason="needs the CPU extension (built by the suite)")
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_rate_scale_and_gradient(p: float) -> None:
+    torch.manual_seed(0)
+    x = (torch.rand(400, 1001) + 0.5).requires_grad_(True)  # no zeros: a zero output means dropped; odd length
+    y = dropout(x, p, True)
+    kept = y != 0
+    n = kept.numel()
+    rate = kept.float().mean().item()
+    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)  # 5 sigma of a Binomial(n, 1 - p) fraction
+    torch.testing.assert_close(y[kept], x[kept] * (1 / (1 - p)), rtol=1e-6, atol=0)
+    grad = torch.randn_like(x)
+    y.backward(grad)
+    torch.testing.assert_close(x.grad, torch.where(kept, grad / (1 - p), 0.0), rtol=1e-6, atol=0)
+    rows = kept.float().mean(1)  # no structure: every row keeps about 1 - p of its elements
+    assert (rows - (1 - p)).abs().max() < 6 * math.sqrt(p * (1 - p) / x.shape[1])
+
+
+def test_gradcheck_float64() -> None:
+    x = torch.randn(7, 13, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: dropout_cpu(t, 0.3, 1234)[0], (x,))
+
+
+def test_repeatable_under_manual_seed_for_any_thread_count() -> None:
+    x = torch.randn(300, 517)
+    threads = torch.get_num_threads()
+    try:
+        torch.manual_seed(5)
+        a = dropout(x, 0.2, True)
+        b = dropout(x, 0.2, True)
+        torch.set_num_threads(1)
+        torch.manual_seed(5)
+        c = dropout(x, 0.2, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a, c) and not torch.equal(a, b)  # same seed, same mask; the next call draws a new one
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_other_dtypes_and_layouts(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    x = (torch.rand(64, 96) + 0.5).to(dtype).t()  # non-contiguous
+    y = dropout(x, 0.25, True)
+    assert y.dtype == dtype and y.shape == x.shape
+    kept = y != 0
+    torch.testing.assert_close(y[kept].double(), (x[kept].double() / 0.75).to(dtype).double())
+
+
+def test_plain_dropout_where_it_does_not_apply() -> None:
+    x = torch.randn(8, 16)
+    assert torch.equal(dropout(x, 0.5, False), x)  # eval
+    assert torch.equal(dropout(x, 0.0, True), x)
+    module = Dropout(0.3)
+    assert isinstance(module, nn.Dropout) and repr(module) == repr(nn.Dropout(0.3))
+    module.eval()
+    assert torch.equal(module(x), x)
+
+
+def test_model_uses_it_and_keeps_its_state_dict() -> None:
+    model = DeformableDETR(preset("demo", pretrained_backbone="none").model)
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert drops and all(isinstance(m, Dropout) for m in drops)
+    assert not any("dropout" in key for key in model.state_dict())
