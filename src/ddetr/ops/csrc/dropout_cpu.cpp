@@ -42,21 +42,24 @@ std::tuple<at::Tensor, at::Tensor> dropout_forward(const at::Tensor& x, double p
     const scalar_t* src = in.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     bool* keep = mask.data_ptr<bool>();
-    // Chunks start at even indices, so each hash's two draws stay in one chunk.
-    at::parallel_for(0, (n + 1) / 2, 1 << 15, [&](int64_t begin, int64_t end) {
+    // Work in pairs (one hash, two draws), so every chunk starts at an even index; the branch-free body vectorises.
+    const int64_t pairs = n / 2;
+    at::parallel_for(0, pairs, 1 << 15, [&](int64_t begin, int64_t end) {
       for (int64_t pair = begin; pair < end; ++pair) {
         const uint64_t h = mix(base + static_cast<uint64_t>(pair) * 0x9E3779B97F4A7C15ull);
+        const bool k0 = static_cast<uint32_t>(h) >= threshold, k1 = static_cast<uint32_t>(h >> 32) >= threshold;
         const int64_t i = 2 * pair;
-        const bool k0 = static_cast<uint32_t>(h) >= threshold;
         keep[i] = k0;
+        keep[i + 1] = k1;
         dst[i] = static_cast<scalar_t>(k0 ? static_cast<acc_t>(src[i]) * scale : acc_t(0));
-        if (i + 1 < n) {
-          const bool k1 = static_cast<uint32_t>(h >> 32) >= threshold;
-          keep[i + 1] = k1;
-          dst[i + 1] = static_cast<scalar_t>(k1 ? static_cast<acc_t>(src[i + 1]) * scale : acc_t(0));
-        }
+        dst[i + 1] = static_cast<scalar_t>(k1 ? static_cast<acc_t>(src[i + 1]) * scale : acc_t(0));
       }
     });
+    if (n % 2) {  // the last element: first draw of the next pair
+      const bool k = static_cast<uint32_t>(mix(base + static_cast<uint64_t>(pairs) * 0x9E3779B97F4A7C15ull)) >= threshold;
+      keep[n - 1] = k;
+      dst[n - 1] = static_cast<scalar_t>(k ? static_cast<acc_t>(src[n - 1]) * scale : acc_t(0));
+    }
   });
   return {out, mask};
 }
