@@ -324,3 +324,23 @@ def test_compile_and_export_see_one_node():
     exported = torch.export.export(Attn(), tuple(a.detach() for a in args))
     targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
     assert targets.count(torch.ops.ddetr.ms_deform_attn_cpu.default) == 1
+
+
+def test_building_does_not_change_the_build_key(monkeypatch, tmp_path):
+    """torch's load() appends its own flags to the lists it is given; the build key must not follow (it did: the
+    process that built the kernel then looked for it under another key)."""
+    import torch.utils.cpp_extension
+
+    def fake_load(name, sources, extra_cflags, extra_ldflags, build_directory, **kwargs):
+        extra_cflags.append("-DFAKE")
+        extra_ldflags.append("-ltorch_fake")
+        built = Path(build_directory) / f"{name}.so"
+        built.write_bytes(b"not a library")
+        return str(built)
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    monkeypatch.setenv("DDETR_CACHE", str(tmp_path))
+    before = cpu_kernel.build_dir()
+    cpu_kernel._build(before)
+    assert (before / "ddetr_msda_cpu.so").is_file()
+    assert cpu_kernel.build_dir() == before

@@ -88,7 +88,9 @@ def _build(path: Path) -> None:
     staging.mkdir(parents=True, exist_ok=True)
     print(f"ddetr: building the fused CPU kernel (once per torch version and CPU, about half a minute) in {path}",
           file=sys.stderr)
-    built = load(name=_NAME, sources=[str(path) for path in _SOURCES], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
+    # copies: load() appends torch's own flags to the lists it is given, which would change this build's key
+    built = load(name=_NAME, sources=[str(path) for path in _SOURCES], extra_cflags=list(_CFLAGS),
+                 extra_ldflags=list(_LDFLAGS),
                  build_directory=str(staging), is_python_module=False, verbose=False)
     partial = path / f".{_NAME}.{os.getpid()}.so"
     shutil.copyfile(built, partial)
