@@ -10,10 +10,7 @@ import torch
 from torch import nn
 
 from ddetr.models import DeformableDETR, preset
-from ddetr.ops.cpu_kernel import extension_loaded
 from ddetr.ops.dropout import Dropout, dropout, dropout_cpu
-
-pytestmark = pytest.mark.skipif(not extension_loaded(), reason="needs the CPU extension (built by the suite)")
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -67,6 +64,10 @@ def test_plain_dropout_where_it_does_not_apply() -> None:
     x = torch.randn(8, 16)
     assert torch.equal(dropout(x, 0.5, False), x)  # eval
     assert torch.equal(dropout(x, 0.0, True), x)
+    assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x))  # p = 1 drops everything, as nn.Dropout does
+    y = x.clone()
+    out = Dropout(0.5, inplace=True)(y)
+    assert out is y and ((y == 0) | (y == 2 * x)).all()  # inplace is honoured, not ignored
     module = Dropout(0.3)
     assert isinstance(module, nn.Dropout) and repr(module) == repr(nn.Dropout(0.3))
     module.eval()

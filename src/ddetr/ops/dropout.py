@@ -3,8 +3,8 @@ mask and multiply: the masks were the largest elementwise cost of a CPU training
 
 Same distribution (each element kept with probability 1 - p, to within 2^-33, and scaled by 1 / (1 - p)); the
 random numbers come from a per-call seed drawn from torch's default generator, so ``torch.manual_seed`` makes runs
-repeatable, but they differ from ``nn.Dropout``'s. Everywhere else (eval, GPU, tracing, no extension) it is
-``nn.Dropout``.
+repeatable, but they differ from ``nn.Dropout``'s. Everywhere else (eval, GPU, tracing, in place, p = 1, no
+extension) it is ``nn.Dropout``.
 """
 
 from __future__ import annotations
@@ -51,11 +51,11 @@ def _backward(ctx, grad: Tensor, _grad_mask: Tensor | None) -> tuple[Tensor, Non
 dropout_cpu.register_autograd(_backward, setup_context=_setup_context)
 
 
-def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """``F.dropout(x, p, training)``, through the fused kernel for CPU training."""
-    if (not training or p == 0.0 or x.device.type != "cpu" or torch.jit.is_tracing()
+def dropout(x: Tensor, p: float, training: bool, inplace: bool = False) -> Tensor:
+    """``F.dropout(x, p, training, inplace)``, through the fused kernel for CPU training (not in place; p < 1)."""
+    if (not training or inplace or not 0.0 < p < 1.0 or x.device.type != "cpu" or torch.jit.is_tracing()
             or torch.compiler.is_compiling() or not extension_loaded()):
-        return F.dropout(x, p, training)
+        return F.dropout(x, p, training, inplace)
     seed = int(torch.randint(0, 2**62, (1,)).item())
     return dropout_cpu(x, p, seed)[0]
 
@@ -64,4 +64,4 @@ class Dropout(nn.Dropout):
     """`nn.Dropout` (same name in state dicts and reprs: it has no state) with the fused CPU training path."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return dropout(x, self.p, self.training)
+        return dropout(x, self.p, self.training, self.inplace)
