@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ddetr.ops import ms_deform_attn
+from ddetr.ops.linear import linear
 
 Shapes = list[tuple[int, int]]
 
@@ -78,14 +79,17 @@ class MSDeformAttn(nn.Module):
         return self.output_proj(sampled)
 
     def sample(self, query: torch.Tensor, reference_points: torch.Tensor, value: torch.Tensor,
-               spatial_shapes: Shapes, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+               spatial_shapes: Shapes, padding_mask: torch.Tensor | None = None, by_weights: bool = False,
+               ) -> torch.Tensor:
         """The attention before ``output_proj``: the heads' weighted samples, concatenated, (N, Lq, C).
 
         ``reference_points`` may also come from `expand_reference_points`, which layers sharing them compute once.
+        ``by_weights``: apply the projections through their weights (`ddetr.ops.linear`) instead of calling the
+        modules; for inference paths that have checked, with `fast_inference`, that no hook expects those calls.
         """
         n = query.shape[0]
-        locations, weights = self._locations_and_weights(query, reference_points, spatial_shapes)
-        v = self.value_proj(value)
+        locations, weights = self._locations_and_weights(query, reference_points, spatial_shapes, by_weights)
+        v = self._project(self.value_proj, value, by_weights)
         if padding_mask is not None:
             v.masked_fill_(padding_mask[..., None], 0.0)
         v = v.view(n, value.shape[1], self.n_heads, self.d_model // self.n_heads)
@@ -108,15 +112,19 @@ class MSDeformAttn(nn.Module):
         out = torch.einsum("nqmc,mdc->nqmd", sampled[..., :-1], self.value_proj.weight.view(m, d, -1))
         return (out + sampled[..., -1:] * self.value_proj.bias.view(m, d)).reshape(n, lq, m * d)
 
+    @staticmethod
+    def _project(proj: nn.Linear, x: torch.Tensor, by_weights: bool) -> torch.Tensor:
+        return linear(x, proj.weight, proj.bias) if by_weights else proj(x)
+
     def _locations_and_weights(self, query: torch.Tensor, reference_points: torch.Tensor, spatial_shapes: Shapes,
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
+                               by_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Sampling locations (N, Lq, M, L, P, 2) and softmaxed weights (N, Lq, M, L, P); recorded if asked."""
         n, lq, _ = query.shape
         m, lv, p = self.n_heads, self.n_levels, self.n_points
         if len(spatial_shapes) != lv:
             raise ValueError(f"module expects {lv} levels, got spatial_shapes for {len(spatial_shapes)}")
-        offsets = self.sampling_offsets(query).view(n, lq, m, lv, p, 2)
-        weights = self.attention_weights(query).view(n, lq, m, lv * p).softmax(-1).view(n, lq, m, lv, p)
+        offsets = self._project(self.sampling_offsets, query, by_weights).view(n, lq, m, lv, p, 2)
+        weights = self._project(self.attention_weights, query, by_weights).view(n, lq, m, lv * p).softmax(-1).view(n, lq, m, lv, p)
         if reference_points.dim() == 6 or reference_points.shape[-1] == 2:
             wh = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device) \
                 if not isinstance(spatial_shapes[0][0], torch.Tensor) else \

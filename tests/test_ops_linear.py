@@ -1,0 +1,104 @@
+"""`ddetr.ops.linear`: the inference paths' GEMMs through oneDNN give F.linear's results (with the ReLU or the
+residual added), in the dtype F.linear would give under autocast, and step aside wherever they must not run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ddetr.ops.linear as L
+from ddetr.ops.linear import linear
+
+needs_onednn = pytest.mark.skipif(not L.onednn_linear_available(), reason="oneDNN linear op not in this build")
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """Counts the calls that reach oneDNN's op (both overloads)."""
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class Counting:
+        def __call__(self, *args):
+            calls.append("unary")
+            return real(*args)
+
+        def binary(self, *args):
+            calls.append("binary")
+            return real.binary(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", Counting())
+    return calls
+
+
+def operands(dtype=torch.float32):
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 64, dtype=dtype)  # 3-D, as the attention's projections see it
+    return x, torch.randn(96, 64, dtype=dtype) / 8, torch.randn(96, dtype=dtype), torch.randn(3, 50, 96, dtype=dtype)
+
+
+@needs_onednn
+def test_matches_f_linear_with_relu_and_residual_fp32(onednn_calls) -> None:
+    x, w, b, r = operands()
+    with torch.no_grad():
+        ref = F.linear(x, w, b)
+        assert (linear(x, w, b) - ref).abs().max() < 1e-5
+        assert (linear(x, w, b, relu=True) - ref.relu()).abs().max() < 1e-5
+        assert (linear(x, w, b, residual=r) - (ref + r)).abs().max() < 1e-5
+        assert (linear(x, w, None) - F.linear(x, w)).abs().max() < 1e-5
+        assert (linear(x[:, ::2], w, b) - F.linear(x[:, ::2], w, b)).abs().max() < 1e-5  # strided input
+    assert onednn_calls == ["unary", "unary", "binary", "unary", "unary"]
+    assert ref.relu().eq(0).any() and ref.gt(0).any()  # the ReLU had something to do
+
+
+@needs_onednn
+def test_under_bf16_autocast_it_computes_in_bf16_like_f_linear(onednn_calls) -> None:
+    x, w, b, r = operands()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.linear(x, w, b)
+        out = linear(x, w, b)
+        summed = linear(x, w, b, residual=r)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    exact = F.linear(x, w, b)
+    scale = exact.abs().max()
+    assert (out.float() - exact).abs().max() < 0.02 * scale
+    assert (summed.float() - (exact + r)).abs().max() < 0.02 * scale
+    assert onednn_calls == ["unary", "binary"]
+
+
+def test_falls_back_to_f_linear_with_autograd_other_dtypes_or_no_onednn(onednn_calls, monkeypatch) -> None:
+    x, w, b, r = operands()
+    w.requires_grad_(True)
+    out = linear(x, w, b, residual=r)  # grad enabled: the autograd graph must be recorded
+    out.sum().backward()
+    assert w.grad is not None and (w.grad - x.sum((0, 1)).expand_as(w)).abs().max() < 1e-3
+    x64, w64, b64, _ = operands(torch.float64)
+    with torch.no_grad():
+        out64 = linear(x64, w64, b64, relu=True)
+    assert out64.dtype == torch.float64 and (out64 - F.linear(x64, w64, b64).relu()).abs().max() < 1e-12
+    monkeypatch.setattr(L, "onednn_linear_available", lambda: False)
+    with torch.no_grad():
+        plain = linear(x, w, b, relu=True)
+    assert (plain - F.linear(x, w, b).relu()).abs().max() < 1e-6
+    assert onednn_calls == []
+
+
+def test_relu_and_residual_together_are_refused() -> None:
+    x, w, b, r = operands()
+    with pytest.raises(ValueError, match="exclusive"):
+        linear(x, w, b, relu=True, residual=r)
+
+
+@needs_onednn
+def test_the_encoder_inference_path_runs_its_gemms_through_onednn(onednn_calls) -> None:
+    from test_model import small
+
+    from ddetr.models import DeformableDETR
+
+    torch.manual_seed(0)
+    model = DeformableDETR(small("deformable-detr", enc_layers=2).model).eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 96))
+    # per encoder layer: value, offsets and weights projections, then per chunk output_proj + residual, FFN in, out
+    assert onednn_calls.count("unary") >= 2 * 4 and onednn_calls.count("binary") >= 2 * 2
