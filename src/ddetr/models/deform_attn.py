@@ -124,7 +124,8 @@ class MSDeformAttn(nn.Module):
         if len(spatial_shapes) != lv:
             raise ValueError(f"module expects {lv} levels, got spatial_shapes for {len(spatial_shapes)}")
         offsets = self._project(self.sampling_offsets, query, by_weights).view(n, lq, m, lv, p, 2)
-        weights = self._project(self.attention_weights, query, by_weights).view(n, lq, m, lv * p).softmax(-1).view(n, lq, m, lv, p)
+        logits = self._project(self.attention_weights, query, by_weights)
+        weights = logits.view(n, lq, m, lv * p).softmax(-1).view(n, lq, m, lv, p)
         if reference_points.dim() == 6 or reference_points.shape[-1] == 2:
             wh = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device) \
                 if not isinstance(spatial_shapes[0][0], torch.Tensor) else \
