@@ -96,3 +96,33 @@ def test_errors():
         param_groups(model, OptimConfig())
     with pytest.raises(ValueError, match="lr_drop must be >= 1"):
         build_scheduler(torch.optim.AdamW(nn.Linear(1, 1).parameters()), 0)
+
+
+def test_fused_adamw_matches_the_reference_update_and_resumes_unfused_state():
+    """The fused AdamW (CPU) takes the same steps as PyTorch's reference loop, per group lr and weight decay; a
+    state saved by an unfused AdamW (older checkpoints) loads and keeps stepping."""
+    torch.manual_seed(0)
+    model = ToyModel()
+    reference_model = ToyModel()
+    reference_model.load_state_dict(model.state_dict())
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1))
+    assert all(g["fused"] for g in optimizer.param_groups)
+    reference = torch.optim.AdamW(param_groups(reference_model, OptimConfig(lr=1e-2)), weight_decay=0.1,
+                                  foreach=False)
+    x = torch.randn(2, 3, 6, 6)
+    for _ in range(4):
+        for m, opt in ((model, optimizer), (reference_model, reference)):
+            m.class_embed(m.backbone(x).mean((2, 3))).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(model.named_parameters(), reference_model.parameters()):
+        assert (a - b).abs().max() < 1e-6, name
+    moved = model.class_embed.weight - ToyModel().class_embed.weight
+    assert moved.abs().max() > 1e-3  # the steps did move the weights
+
+    resumed = build_optimizer(reference_model, OptimConfig(lr=1e-2, weight_decay=0.1))
+    resumed.load_state_dict(reference.state_dict())
+    reference_model.class_embed(torch.randn(2, 4)).sum().backward()
+    before = reference_model.class_embed.weight.detach().clone()
+    resumed.step()
+    assert not torch.equal(before, reference_model.class_embed.weight)
