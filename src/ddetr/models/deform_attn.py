@@ -92,7 +92,8 @@ class MSDeformAttn(nn.Module):
             query, value = query.to(compute_dtype(query)), value.to(compute_dtype(value))
         locations, weights = self._locations_and_weights(query, reference_points, spatial_shapes, by_weights)
         v = self._project(self.value_proj, value, by_weights)
-        if padding_mask is not None and not (by_weights and not padding_mask.any()):  # (a test tracing would fix)
+        # (the inference path skips an empty fill; elsewhere the branch would be frozen into traced or exported graphs)
+        if padding_mask is not None and (not by_weights or padding_mask.any()):
             v.masked_fill_(padding_mask[..., None], 0.0)
         v = v.view(n, value.shape[1], self.n_heads, self.d_model // self.n_heads)
         return ms_deform_attn(v, spatial_shapes, None, locations, weights, backend=self.backend)

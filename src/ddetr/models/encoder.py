@@ -61,7 +61,8 @@ class EncoderLayer(FFNLayer):
 
         At the encoder's size (22k pixels at 800x1333) the FFN's hidden activations (91 MB) leave the cache, and
         the residual adds, ReLU and bias copies each stream the whole map through memory; in chunks they stay in
-        L2/L3 and the residuals ride on the GEMMs. Measured 1.15-1.3x for the whole detector (README, speed).
+        L2/L3, and oneDNN adds the bias, ReLU and residuals inside the GEMMs (`ddetr.ops.linear`). Measured
+        1.15-1.3x for the whole detector (README, speed). Under autocast everything is in the autocast dtype.
         The submodules are used through their weights, so a forward hook on any of them selects the layer as written.
         """
         attn = self.self_attn
@@ -75,7 +76,7 @@ class EncoderLayer(FFNLayer):
                                         for m in (attn.output_proj, self.linear1, self.linear2)]
         for i in range(0, n * s, self.CHUNK):
             j = min(i + self.CHUNK, n * s)
-            x = self.norm1(linear(sampled[i:j], w0, b0, residual=rows[i:j]))
+            x = self.norm1(linear(sampled[i:j], w0, b0, residual=rows[i:j])).to(dtype)  # autocast norms give fp32
             hidden = linear(x, w1, b1, relu=True)
             out[i:j] = self.norm2(linear(hidden, w2, b2, residual=x))
         return out.view(n, s, c)
