@@ -102,3 +102,35 @@ def test_the_encoder_inference_path_runs_its_gemms_through_onednn(onednn_calls) 
         model(torch.randn(1, 3, 64, 96))
     # per encoder layer: value, offsets and weights projections, then per chunk output_proj + residual, FFN in, out
     assert onednn_calls.count("unary") >= 2 * 4 and onednn_calls.count("binary") >= 2 * 2
+
+
+def test_linear_module_trains_through_onednn_with_f_linears_gradients(monkeypatch) -> None:
+    """`Linear` in fp32 CPU training: oneDNN output and input gradient, MKL weight gradient; the same values and
+    gradients as nn.Linear, the output may be filled in place (the attention zeroes padding in it)."""
+    calls = []
+    real = L._OneDNNLinear.apply
+    monkeypatch.setattr(L._OneDNNLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    ours = L.Linear(64, 96)
+    plain = torch.nn.Linear(64, 96)
+    plain.load_state_dict(ours.state_dict())
+    assert isinstance(ours, torch.nn.Linear) and list(ours.state_dict()) == ["weight", "bias"]
+    x = torch.randn(3, 50, 64)
+    mask = torch.rand(3, 50, 1) < 0.3
+    outs, grads = [], []
+    for module in (ours, plain):
+        xi = x.clone().requires_grad_(True)
+        y = module(xi)
+        y.masked_fill_(mask, 0.0)
+        (y * torch.linspace(-1, 1, 96)).square().sum().backward()
+        outs.append(y.detach())
+        grads.append((xi.grad, module.weight.grad, module.bias.grad))
+    expected = int(L.onednn_linear_available())
+    assert len(calls) == expected
+    assert (outs[0] - outs[1]).abs().max() < 1e-5
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() < 1e-4 * b.abs().max(), "gradient differs"
+    assert ours(torch.randn(64)).shape == (96,)  # 1-D input: F.linear
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours(x).dtype == torch.bfloat16  # autocast: F.linear, cast by autocast
+    assert len(calls) == expected

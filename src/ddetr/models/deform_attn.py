@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ddetr.ops import ms_deform_attn
-from ddetr.ops.linear import compute_dtype, linear
+from ddetr.ops.linear import Linear, compute_dtype, linear
 
 Shapes = list[tuple[int, int]]
 
@@ -44,10 +44,10 @@ class MSDeformAttn(nn.Module):
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
         self.backend = backend
         self.recorder: Callable[[AttentionSample], None] | None = None  # set by `recording`
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
-        self.value_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
+        self.sampling_offsets = Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = Linear(d_model, d_model)
+        self.output_proj = Linear(d_model, d_model)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

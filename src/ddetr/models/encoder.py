@@ -9,7 +9,7 @@ from torch import nn
 
 from ddetr.models.deform_attn import MSDeformAttn, fast_inference
 from ddetr.ops.dropout import Dropout
-from ddetr.ops.linear import compute_dtype, linear
+from ddetr.ops.linear import Linear, compute_dtype, linear
 
 Shapes = list[tuple[int, int]]
 AttentionFactory = Callable[[], nn.Module]  # builds MSDeformAttn, or DenseAttention for the DETR baseline
@@ -19,8 +19,8 @@ class FFNLayer(nn.Module):
     """Adds the FFN (linear1 -> ReLU -> dropout -> linear2 -> dropout, residual) under the official names."""
 
     def _init_ffn(self, d_model: int, dim_feedforward: int, dropout: float) -> None:
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.linear1 = Linear(d_model, dim_feedforward)
+        self.linear2 = Linear(dim_feedforward, d_model)
         self.dropout_ffn1 = Dropout(dropout)
         self.dropout_ffn2 = Dropout(dropout)
 

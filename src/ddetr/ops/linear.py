@@ -1,9 +1,11 @@
-"""Linear layers of the CPU inference paths through oneDNN, with the ReLU or the residual add fused in.
+"""Linear layers through oneDNN on x86 CPUs, with the ReLU or the residual add fused in at inference.
 
-On x86 CPUs PyTorch's fp32 ``addmm`` goes to MKL's sgemm, which on the AMD EPYC hosts this project is measured on
-reaches ~145 GFLOP/s on two cores where oneDNN's matmul reaches ~180-200 (README, speed: the encoder's FFN in
-chunks 206 -> 161 ms per layer, bf16 104 -> 83 ms). oneDNN also applies the bias, ReLU and residual add while
-the output is in registers. Used only where no autograd graph is recorded; everywhere else it is ``F.linear``.
+On x86 CPUs PyTorch's fp32 ``addmm`` and ``mm`` go to MKL's sgemm, which on the AMD EPYC hosts this project is
+measured on reaches ~145 GFLOP/s on two cores where oneDNN's matmul reaches ~180-200 (README, speed: the encoder's
+FFN in chunks 206 -> 161 ms per layer). `linear` uses oneDNN without autograd (bias, ReLU and residual fused); `Linear`
+(an ``nn.Linear``) also in fp32 training, where oneDNN computes the output and the input gradient and MKL the weight
+gradient (faster there). bf16 autocast already reaches oneDNN through PyTorch; GPUs, tracing, export and compilation
+get ``F.linear``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from functools import cache
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @cache
@@ -49,3 +51,47 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, relu: bool = False
     if residual is not None:
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual.to(dtype).contiguous(), weight, bias, "add")
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
+
+
+def _onednn_fp32_training(x: Tensor, weight: Tensor) -> bool:
+    """Autograd on, fp32 on a CPU without autocast, nothing tracing or compiling: the case `_OneDNNLinear` serves."""
+    return (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and onednn_linear_available()
+            and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()))
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b by oneDNN; backward: dx = dy W by oneDNN, dW = dy^T x by ``mm`` (MKL; oneDNN would need
+    transposed copies of both, measured 1-2.6x slower), db = sum dy."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """x (T, in), contiguous -> (T, out)."""
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight.contiguous(), bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t().contiguous(), None, "none", [], "")
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.t().mm(x)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, names and init) whose fp32 CPU training runs through oneDNN (1.2-1.6x MKL's
+    sgemm on the output and the input gradient at the encoder's sizes; README, speed)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() >= 2 and _onednn_fp32_training(x, self.weight):
+            # 2-D inside the Function (its output must not be a view: callers fill it in place), shaped outside
+            rows = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.bias)
+            return rows.view(*x.shape[:-1], rows.shape[-1])
+        return F.linear(x, self.weight, self.bias)
