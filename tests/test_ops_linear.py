@@ -134,3 +134,13 @@ def test_linear_module_trains_through_onednn_with_f_linears_gradients(monkeypatc
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert ours(x).dtype == torch.bfloat16  # autocast: F.linear, cast by autocast
     assert len(calls) == expected
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace's deprecation notice
+def test_steps_aside_while_a_graph_is_recorded(onednn_calls) -> None:
+    """Tracing (and ONNX export, torch.compile) records F.linear, which every exporter knows, not oneDNN's op."""
+    x, w, b, r = operands()
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda t: linear(t, w, b, residual=r), (x,), check_trace=False)
+    assert onednn_calls == []
+    assert (traced(x) - (F.linear(x, w, b) + r)).abs().max() < 1e-5

@@ -16,6 +16,7 @@ from torch import nn
 
 from ddetr.ops import ms_deform_attn
 from ddetr.ops.linear import Linear, compute_dtype, linear
+from ddetr.ops.ms_deform_attn import capturing
 
 Shapes = list[tuple[int, int]]
 
@@ -177,7 +178,7 @@ def fast_inference(module: nn.Module, bypassed: list[nn.Module]) -> bool:
     """
     if module.training or torch.is_grad_enabled():
         return False
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+    if capturing():
         return False
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False

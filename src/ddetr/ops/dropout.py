@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddetr.ops.cpu_kernel import extension_loaded
+from ddetr.ops.ms_deform_attn import capturing
 
 
 @torch.library.custom_op("ddetr::dropout_cpu", mutates_args=(), device_types="cpu")
@@ -53,8 +54,8 @@ dropout_cpu.register_autograd(_backward, setup_context=_setup_context)
 
 def dropout(x: Tensor, p: float, training: bool, inplace: bool = False) -> Tensor:
     """``F.dropout(x, p, training, inplace)``, through the fused kernel for CPU training (not in place; p < 1)."""
-    if (not training or inplace or not 0.0 < p < 1.0 or x.device.type != "cpu" or torch.jit.is_tracing()
-            or torch.compiler.is_compiling() or not extension_loaded()):
+    if (not training or inplace or not 0.0 < p < 1.0 or x.device.type != "cpu" or capturing()
+            or not extension_loaded()):
         return F.dropout(x, p, training, inplace)
     seed = int(torch.randint(0, 2**62, (1,)).item())
     return dropout_cpu(x, p, seed)[0]

@@ -36,6 +36,12 @@ def available_backends(value: torch.Tensor | None = None) -> list[str]:
     return [name for name, (ok, _) in _BACKENDS.items() if value is None or ok(probe)]
 
 
+def capturing() -> bool:
+    """A graph is being recorded (tracing, ONNX export, torch.compile): paths chosen from runtime state, or made of
+    ops without export rules, step aside for the plain ones."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+
+
 def as_shape_list(spatial_shapes: torch.Tensor | Sequence[Sequence[int]]) -> Shapes:
     """(L, 2) tensor or sequence of (H, W) -> list of int pairs (static shapes, friendly to compile/export)."""
     if isinstance(spatial_shapes, torch.Tensor):
