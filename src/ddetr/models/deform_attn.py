@@ -17,6 +17,7 @@ from torch import nn
 from ddetr.ops import ms_deform_attn
 from ddetr.ops.linear import Linear, compute_dtype, linear
 from ddetr.ops.ms_deform_attn import capturing
+from ddetr.ops.softmax import softmax
 
 Shapes = list[tuple[int, int]]
 
@@ -132,9 +133,9 @@ class MSDeformAttn(nn.Module):
         if by_weights and logits.dtype != reference_points.dtype:
             # bf16 projections: locations and weights in the references' fp32 (mixed-dtype ops are 2-4x slower)
             offsets = offsets.to(reference_points.dtype)
-            weights = logits.softmax(-1, dtype=reference_points.dtype).view(n, lq, m, lv, p)
+            weights = softmax(logits, reference_points.dtype).view(n, lq, m, lv, p)
         else:
-            weights = logits.softmax(-1).view(n, lq, m, lv, p)
+            weights = softmax(logits).view(n, lq, m, lv, p)
         if reference_points.dim() == 6 or reference_points.shape[-1] == 2:
             wh = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device) \
                 if not isinstance(spatial_shapes[0][0], torch.Tensor) else \
