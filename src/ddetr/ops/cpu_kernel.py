@@ -1,6 +1,7 @@
 """Fused CPU backend for multi-scale deformable attention: a C++/OpenMP kernel built on first use.
 
-The kernel (``csrc/ms_deform_attn_cpu.cpp``, ``csrc/vec.h``; the same library holds the training dropout of
+The kernel (``csrc/ms_deform_attn_cpu.cpp`` with ``msda_forward.h``, ``msda_backward.h``, ``msda_geometry.h`` and
+``vec.h``; the same library holds the training dropout of
 ``ddetr.ops.dropout``, ``csrc/dropout_cpu.cpp``) is compiled once by ``torch.utils.cpp_extension.load``
 into ``$DDETR_CACHE/ext/<key>/build`` (default ``~/.cache/ddetr/ext/<key>``), the key hashing the sources, flags,
 torch/python versions and the CPU (the build uses ``-march=native``), and published atomically as
