@@ -79,3 +79,18 @@ def test_model_uses_it_and_keeps_its_state_dict() -> None:
     drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
     assert drops and all(isinstance(m, Dropout) for m in drops)
     assert not any("dropout" in key for key in model.state_dict())
+
+
+def test_backward_allocates_no_gradient_for_the_mask() -> None:
+    """The mask output is not differentiable: its gradient is not materialised as a full-size zero tensor (it was,
+    once per call, in every training step), and the gradient is still right."""
+    from torch.profiler import profile
+
+    x = torch.randn(64, 1024, requires_grad=True)
+    y = dropout(x, 0.1, training=True)
+    ones = torch.ones_like(y)
+    with profile() as prof:
+        (grad,) = torch.autograd.grad(y, x, ones)
+    names = {e.name for e in prof.events()}
+    assert not names & {"aten::zeros", "aten::zero_", "aten::fill_"}, names
+    torch.testing.assert_close(grad, (y != 0).float() / 0.9)

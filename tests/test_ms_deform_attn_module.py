@@ -116,6 +116,32 @@ def test_padding_mask_hides_padded_values():
         assert not torch.allclose(attn(query, ref, changed, SHAPES), attn(query, ref, value, SHAPES))
 
 
+def graph_nodes(t: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes behind ``t``."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo += [next_fn for next_fn, _ in node.next_functions]
+    return names
+
+
+def test_padding_fill_in_training_is_one_masked_fill_not_a_copy_of_slices():
+    """With autograd the padded values are zeroed out of place: in place on the projection's output (a view) made
+    the backward copy and zero-fill whole value maps (CopySlices); gradients still skip the padding."""
+    attn = randomise(MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=3))
+    query, ref, value, mask = make_batch(32)
+    value.requires_grad_(True)
+    out = attn(query, ref, value, SHAPES, padding_mask=mask)
+    nodes = graph_nodes(out)
+    assert "MaskedFillBackward0" in nodes and "CopySlices" not in nodes, nodes
+    (grad,) = torch.autograd.grad(out.square().sum(), value)
+    assert grad[mask].abs().max() == 0 and grad[~mask].abs().max() > 0
+
+
 def test_recording_shapes_and_restore():
     """Inside `recording` a call is kept (detached) with its references and shapes; outside nothing is."""
     attn = MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=3)

@@ -42,11 +42,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.p = inputs[1]
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else autograd fills a full-size zero "gradient" of the mask for each call
 
 
-def _backward(ctx, grad: Tensor, _grad_mask: Tensor | None) -> tuple[Tensor, None, None]:
+def _backward(ctx, grad: Tensor | None, _grad_mask: Tensor | None) -> tuple[Tensor | None, None, None]:
     (mask,) = ctx.saved_tensors
-    return dropout_cpu_backward(grad, mask, ctx.p), None, None
+    return (dropout_cpu_backward(grad, mask, ctx.p) if grad is not None else None), None, None
 
 
 dropout_cpu.register_autograd(_backward, setup_context=_setup_context)

@@ -92,7 +92,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() >= 2 and _onednn_fp32_training(x, self.weight):
-            # 2-D inside the Function (its output must not be a view: callers fill it in place), shaped outside
+            # 2-D inside the Function, shaped outside (a view, like F.linear's 3-D outputs: fill it out of place)
             rows = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.bias)
             return rows.view(*x.shape[:-1], rows.shape[-1])
         return F.linear(x, self.weight, self.bias)
