@@ -94,3 +94,55 @@ def test_backward_allocates_no_gradient_for_the_mask() -> None:
     names = {e.name for e in prof.events()}
     assert not names & {"aten::zeros", "aten::zero_", "aten::fill_"}, names
     torch.testing.assert_close(grad, (y != 0).float() / 0.9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_relu_fused_is_dropout_of_relu(dtype: torch.dtype) -> None:
+    """relu=True: the same values as dropout(relu(x)) with the same draws, bit for bit; the mask also drops x <= 0,
+    so the gradient is the ReLU's and the dropout's; NaN passes as through torch.relu."""
+    torch.manual_seed(0)
+    x = torch.randn(37, 1001).to(dtype)  # odd length: the last element has its own code path
+    x[0, :5] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf")])
+    fused, mask = dropout_cpu(x, 0.3, 77, True)
+    plain, plain_mask = dropout_cpu(torch.relu(x), 0.3, 77)
+    assert torch.equal(fused.isnan(), plain.isnan()) and fused[0, 2].isnan() == plain_mask[0, 2]
+    assert torch.equal(torch.nan_to_num(fused), torch.nan_to_num(plain))
+    assert torch.equal(mask, plain_mask & (x > 0))
+    xg = x.clone().requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    grad = torch.randn(x.shape).to(dtype)
+    (g_fused,) = torch.autograd.grad(dropout_cpu(xg, 0.3, 77, True)[0], xg, grad)
+    (g_ref,) = torch.autograd.grad(dropout_cpu(torch.relu(xr), 0.3, 77)[0], xr, grad)
+    assert torch.equal(g_fused, g_ref)
+
+
+def test_relu_fused_gradcheck_float64() -> None:
+    x = torch.randn(7, 13, dtype=torch.float64)
+    x = (x + 0.2 * x.sign()).requires_grad_(True)  # away from the ReLU's kink
+    assert torch.autograd.gradcheck(lambda t: dropout_cpu(t, 0.3, 1234, True)[0], (x,))
+
+
+def test_ffn_applies_its_relu_in_the_dropout_pass() -> None:
+    """The FFN's ReLU -> dropout is the fused op in CPU training (no ReLU node left to keep its output), equal to
+    applying them one after the other with the same draws; in eval it is the plain ReLU."""
+    from ddetr.models.encoder import EncoderLayer
+
+    torch.manual_seed(0)
+    layer = EncoderLayer(lambda: nn.Identity(), 32, 64, dropout=0.2).train()
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    torch.manual_seed(3)
+    out = layer.ffn(x)
+    names, todo, seen = set(), [out.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            names.add(type(node).__name__)
+            todo += [f for f, _ in node.next_functions]
+    assert not {n for n in names if "Relu" in n or "Threshold" in n}, names
+    torch.manual_seed(3)
+    h = dropout(torch.relu(layer.linear1(x)), 0.2, True)
+    assert torch.equal(out, x + dropout(layer.linear2(h), 0.2, True))
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer.ffn(x), x + layer.linear2(torch.relu(layer.linear1(x))))

@@ -25,7 +25,8 @@ class FFNLayer(nn.Module):
         self.dropout_ffn2 = Dropout(dropout)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.dropout_ffn2(self.linear2(self.dropout_ffn1(torch.relu(self.linear1(x)))))
+        # dropout_ffn1 applies the ReLU: one pass in CPU training, and the ReLU's output is not kept for the backward
+        return x + self.dropout_ffn2(self.linear2(self.dropout_ffn1(self.linear1(x), relu=True)))
 
 
 class EncoderLayer(FFNLayer):

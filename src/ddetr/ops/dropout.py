@@ -18,13 +18,14 @@ from ddetr.ops.ms_deform_attn import capturing
 
 
 @torch.library.custom_op("ddetr::dropout_cpu", mutates_args=(), device_types="cpu")
-def dropout_cpu(x: Tensor, p: float, seed: int) -> tuple[Tensor, Tensor]:
-    """(x with dropped elements zeroed and the rest scaled by 1 / (1 - p), the bool keep mask)."""
-    return torch.ops.ddetr_msda_cpu.dropout_forward(x, p, seed)
+def dropout_cpu(x: Tensor, p: float, seed: int, relu: bool = False) -> tuple[Tensor, Tensor]:
+    """(x with dropped elements zeroed and the rest scaled by 1 / (1 - p), the bool mask of what passed).
+    ``relu``: dropout(relu(x)) in the same pass; the mask then also drops x <= 0 (the ReLU's gradient)."""
+    return torch.ops.ddetr_msda_cpu.dropout_forward(x, p, seed, relu)
 
 
 @dropout_cpu.register_fake
-def _(x: Tensor, p: float, seed: int) -> tuple[Tensor, Tensor]:
+def _(x: Tensor, p: float, seed: int, relu: bool = False) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape, dtype=torch.bool)
 
 
@@ -45,25 +46,27 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)  # else autograd fills a full-size zero "gradient" of the mask for each call
 
 
-def _backward(ctx, grad: Tensor | None, _grad_mask: Tensor | None) -> tuple[Tensor | None, None, None]:
+def _backward(ctx, grad: Tensor | None, _grad_mask: Tensor | None) -> tuple[Tensor | None, None, None, None]:
     (mask,) = ctx.saved_tensors
-    return (dropout_cpu_backward(grad, mask, ctx.p) if grad is not None else None), None, None
+    return (dropout_cpu_backward(grad, mask, ctx.p) if grad is not None else None), None, None, None
 
 
 dropout_cpu.register_autograd(_backward, setup_context=_setup_context)
 
 
-def dropout(x: Tensor, p: float, training: bool, inplace: bool = False) -> Tensor:
-    """``F.dropout(x, p, training, inplace)``, through the fused kernel for CPU training (not in place; p < 1)."""
+def dropout(x: Tensor, p: float, training: bool, inplace: bool = False, relu: bool = False) -> Tensor:
+    """``F.dropout(x, p, training, inplace)``, through the fused kernel for CPU training (not in place; p < 1).
+    ``relu``: of ``torch.relu(x)``, the ReLU fused into that pass (the FFN's ReLU -> dropout)."""
     if (not training or inplace or not 0.0 < p < 1.0 or x.device.type != "cpu" or capturing()
             or not extension_loaded()):
-        return F.dropout(x, p, training, inplace)
+        return F.dropout(torch.relu(x) if relu else x, p, training, inplace)
     seed = int(torch.randint(0, 2**62, (1,)).item())
-    return dropout_cpu(x, p, seed)[0]
+    return dropout_cpu(x, p, seed, relu)[0]
 
 
 class Dropout(nn.Dropout):
-    """`nn.Dropout` (same name in state dicts and reprs: it has no state) with the fused CPU training path."""
+    """`nn.Dropout` (same name in state dicts and reprs: it has no state) with the fused CPU training path;
+    ``relu=True`` applies a ReLU first (fused there)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return dropout(x, self.p, self.training, self.inplace)
+    def forward(self, x: Tensor, relu: bool = False) -> Tensor:
+        return dropout(x, self.p, self.training, self.inplace, relu)
