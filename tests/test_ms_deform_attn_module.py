@@ -140,6 +140,11 @@ def test_padding_fill_in_training_is_one_masked_fill_not_a_copy_of_slices():
     assert "MaskedFillBackward0" in nodes and "CopySlices" not in nodes, nodes
     (grad,) = torch.autograd.grad(out.square().sum(), value)
     assert grad[mask].abs().max() == 0 and grad[~mask].abs().max() > 0
+    # nothing padded (batch 1, or same-size images): no fill at all on CPU, the same result as filling nothing
+    none = torch.zeros_like(mask)
+    out = attn(query, ref, value, SHAPES, padding_mask=none)
+    assert "MaskedFillBackward0" not in graph_nodes(out)
+    torch.testing.assert_close(out, attn(query, ref, value, SHAPES), rtol=0, atol=0)
 
 
 def test_recording_shapes_and_restore():

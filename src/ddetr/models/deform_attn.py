@@ -94,8 +94,9 @@ class MSDeformAttn(nn.Module):
             query, value = query.to(compute_dtype(query)), value.to(compute_dtype(value))
         locations, weights = self._locations_and_weights(query, reference_points, spatial_shapes, by_weights)
         v = self._project(self.value_proj, value, by_weights)
-        # (the inference path skips an empty fill; elsewhere the branch would be frozen into traced or exported graphs)
-        if padding_mask is not None and (not by_weights or padding_mask.any()):
+        # On CPU a fill with nothing to fill is skipped (in training it costs two full copies of value per layer);
+        # GPUs (the check would sync) and graph capture (it would freeze the branch into the graph) always fill.
+        if padding_mask is not None and (capturing() or v.device.type != "cpu" or bool(padding_mask.any())):
             # in place only without autograd: the projection's output is a view (F.linear's too), and an in-place op
             # on a view makes the backward copy and zero-fill the whole base (~0.6 s of a 800x1333 training step)
             v = v.masked_fill(padding_mask[..., None], 0.0) if v.requires_grad else v.masked_fill_(
