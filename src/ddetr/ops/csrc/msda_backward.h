@@ -20,11 +20,6 @@ struct CornerTable {
   }
 
   void fill(const acc_t* __restrict loc, const Lanes<acc_t>& lanes, int64_t LP) {
-    const acc_t* __restrict wf = lanes.wf.data();
-    const acc_t* __restrict hf = lanes.hf.data();
-    const int32_t* __restrict wi = lanes.wi.data();
-    const int32_t* __restrict hi = lanes.hi.data();
-    const int32_t* __restrict start = lanes.start.data();
     acc_t* __restrict fxs = fx.data();
     acc_t* __restrict fys = fy.data();
     int32_t* __restrict p0 = pixel[0].data();
@@ -34,7 +29,7 @@ struct CornerTable {
 #pragma omp simd
     for (int64_t j = 0; j < LP; ++j) {
       int32_t pix[4];
-      locate(loc[2 * j], loc[2 * j + 1], wf[j], hf[j], wi[j], hi[j], start[j], fxs[j], fys[j], pix);
+      lanes.locate(loc, j, fxs[j], fys[j], pix);
       p0[j] = pix[0];
       p1[j] = pix[1];
       p2[j] = pix[2];

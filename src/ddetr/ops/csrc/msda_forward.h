@@ -31,11 +31,6 @@ struct SampleTable {
   // Corner offsets are origin + pixel * row, or zero off the map.
   void fill(const acc_t* __restrict loc, const acc_t* __restrict attn, const Lanes<acc_t>& lanes, int64_t LP,
             offset_t origin, offset_t row, offset_t zero) {
-    const acc_t* __restrict wf = lanes.wf.data();
-    const acc_t* __restrict hf = lanes.hf.data();
-    const int32_t* __restrict wi = lanes.wi.data();
-    const int32_t* __restrict hi = lanes.hi.data();
-    const int32_t* __restrict start = lanes.start.data();
     acc_t* __restrict w0 = w[0].data();
     acc_t* __restrict w1 = w[1].data();
     acc_t* __restrict w2 = w[2].data();
@@ -48,7 +43,7 @@ struct SampleTable {
     for (int64_t j = 0; j < LP; ++j) {
       acc_t fx, fy;
       int32_t pix[4];
-      locate(loc[2 * j], loc[2 * j + 1], wf[j], hf[j], wi[j], hi[j], start[j], fx, fy, pix);
+      lanes.locate(loc, j, fx, fy, pix);
       const acc_t a = attn[j];
       w0[j] = a * (1 - fx) * (1 - fy);
       w1[j] = a * fx * (1 - fy);

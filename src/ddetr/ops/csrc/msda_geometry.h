@@ -54,6 +54,9 @@ struct Lanes {
       }
     }
   }
+
+  // `locate` for sample j of the query whose (x, y) locations start at loc.
+  void locate(const acc_t* loc, int64_t j, acc_t& fx, acc_t& fy, int32_t (&pixel)[4]) const;
 };
 
 // Pixel cell of one sample at normalised (lx, ly) on a level: position inside the cell (fx, fy) and the pixel
@@ -78,6 +81,11 @@ inline void locate(acc_t lx, acc_t ly, acc_t wf, acc_t hf, int32_t wi, int32_t h
   pixel[1] = vy0 & vx1 ? p00 + 1 : -1;
   pixel[2] = vy1 & vx0 ? p00 + wi : -1;
   pixel[3] = vy1 & vx1 ? p00 + wi + 1 : -1;
+}
+
+template <typename acc_t>
+inline void Lanes<acc_t>::locate(const acc_t* loc, int64_t j, acc_t& fx, acc_t& fy, int32_t (&pixel)[4]) const {
+  ddetr_msda::locate(loc[2 * j], loc[2 * j + 1], wf[j], hf[j], wi[j], hi[j], start[j], fx, fy, pixel);
 }
 
 }  // namespace ddetr_msda
