@@ -4,7 +4,7 @@ mask and multiply: the masks were the largest elementwise cost of a CPU training
 Same distribution (each element kept with probability 1 - p, to within 2^-33, and scaled by 1 / (1 - p)); the
 random numbers come from a per-call seed drawn from torch's default generator, so ``torch.manual_seed`` makes runs
 repeatable, but they differ from ``nn.Dropout``'s. Everywhere else (eval, GPU, tracing, in place, p = 1, no
-extension) it is ``nn.Dropout``.
+extension) it is ``nn.Dropout`` (of ``torch.relu(x)`` when asked to apply the ReLU).
 """
 
 from __future__ import annotations
