@@ -294,6 +294,18 @@ def test_amp_auto_is_bf16_only_where_native_and_fp16_needs_a_gpu(monkeypatch):
         TrainConfig(amp="bf32")
 
 
+def test_bf16_asked_for_on_a_cpu_without_it_runs_with_a_warning(monkeypatch, caplog):
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=native: v)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ddetr.engine.device"):
+            assert resolve_amp("bf16", cpu) == "bf16"
+        warned = [r.getMessage() for r in caplog.records]
+        assert warned == ([] if native else [warned[0]]) and (native or "emulates" in warned[0])
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("epochs", 0, "epochs must be >= 1"), ("time_budget", -5.0, "time_budget"), ("device", "tpu", "device"),
     ("lr_drop_fraction", 1.5, "lr_drop_fraction"), ("checkpoint_every", -1, "checkpoint_every")])

@@ -12,6 +12,8 @@ from ddetr.ops.softmax import softmax
 
 @pytest.fixture
 def own_calls(monkeypatch):
+    """Records `_ShortSoftmax` calls, with rows below 16 taking it whatever this CPU's vector width."""
+    monkeypatch.setattr(S, "short_rows", lambda: 16)
     calls = []
     real = S._ShortSoftmax.apply
     monkeypatch.setattr(S._ShortSoftmax, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
@@ -29,7 +31,11 @@ def test_short_rows_equal_torch_values_and_gradients(k, own_calls):
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
     g_ours, = torch.autograd.grad(ours, x, grad)
     g_ref, = torch.autograd.grad(ref, x, grad)
-    torch.testing.assert_close(g_ours, g_ref, rtol=0, atol=1e-6)
+    x64 = x.detach().double().requires_grad_()
+    g_64, = torch.autograd.grad(x64.softmax(-1), x64, grad.double())
+    # y * (g - sum(g y)) cancels where g is near its mean: PyTorch's own fp32 result is off by up to ~1e-6 there
+    torch_error = (g_ref.double() - g_64).abs().max().item()
+    assert (g_ours.double() - g_64).abs().max().item() <= max(2 * torch_error, 1e-6)
 
 
 def test_gradcheck_fp64(own_calls):
@@ -69,3 +75,22 @@ def test_long_rows_and_tracing_use_torch(own_calls):
     traced = torch.jit.trace(softmax, torch.randn(4, 12), check_trace=False)
     assert "aten::softmax" in str(traced.graph)
     assert not own_calls
+
+
+@pytest.mark.parametrize(("capability", "short"), [("AVX512", 16), ("AVX2", 8), ("DEFAULT", 0), ("SVE256", 0)])
+def test_short_means_below_the_vector_width_measured(monkeypatch, capability, short):
+    """PyTorch's kernel is vectorised from 16 values per row with AVX-512 and from 8 with AVX2 (measured: on AVX2
+    rows of 12 are 1.4x faster in PyTorch's kernel, rows of 4 3x faster here); other CPUs always keep PyTorch's."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    S.short_rows.cache_clear()
+    try:
+        assert S.short_rows() == short
+        calls = []
+        real = S._ShortSoftmax.apply
+        monkeypatch.setattr(S._ShortSoftmax, "apply", lambda *a: calls.append(a[0].shape[-1]) or real(*a))
+        for k in (4, 8, 12):
+            x = torch.randn(5, k)
+            torch.testing.assert_close(softmax(x), x.softmax(-1))
+        assert calls == [k for k in (4, 8, 12) if k < short]
+    finally:
+        S.short_rows.cache_clear()

@@ -27,6 +27,16 @@ def onednn_linear_available() -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+@cache
+def onednn_bf16_available() -> bool:
+    """oneDNN computes bf16 on this CPU (AVX-512 or newer); on AVX2-only CPUs it cannot build a bf16 primitive."""
+    return onednn_linear_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _onednn_dtype(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and onednn_bf16_available())
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype ``F.linear`` would compute ``x`` in here: the CPU autocast dtype when autocast is on."""
     if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
@@ -41,7 +51,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, relu: bool = False
     if relu and residual is not None:
         raise ValueError("linear: relu and residual are exclusive")
     dtype = compute_dtype(x)
-    fused = (x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
+    fused = (x.device.type == "cpu" and _onednn_dtype(dtype) and not torch.is_grad_enabled()
              and onednn_linear_available() and not capturing())
     if not fused:
         y = F.linear(x, weight, bias)

@@ -1,18 +1,27 @@
 """Softmax over the attention's last dimension (a head's L x P sampling weights), fast also when it is short.
 
-PyTorch's CPU softmax vectorises along the last dimension and falls back to a scalar loop below the vector width:
-over 4-12 values (the single-scale and demo models: 1 or 3 levels x 4 points) it is 5-6x slower than over 16, in
-the forward and in the backward. Below that width this computes it with whole-tensor ops instead, in fp32 for lower
-precision inputs (as PyTorch's own kernel accumulates), with its own two-op backward.
+PyTorch's CPU softmax vectorises along the last dimension and falls back to a scalar loop below the vector width
+(16 fp32 lanes with AVX-512, 8 with AVX2): on an AVX-512 CPU, over 4-12 values (the single-scale and demo models: 1
+or 3 levels x 4 points) it is 5-6x slower than over 16, in the forward and in the backward. Below that width this
+computes it with whole-tensor ops instead, in fp32 for lower precision inputs (as PyTorch's own kernel accumulates),
+with its own two-op backward. On AVX2 only rows of 4 gain (3x); from 8 on PyTorch's kernel is faster there.
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 
 from ddetr.ops.ms_deform_attn import capturing
 
-SHORT = 16  # fp32 lanes of an AVX-512 register: from this length on PyTorch's kernel is the faster one
+
+@cache
+def short_rows() -> int:
+    """Rows shorter than this take `_ShortSoftmax`: the fp32 lanes of the vector unit PyTorch's kernel runs on (only
+    the two x86 widths were measured; other CPUs keep PyTorch's kernel)."""
+    return {"AVX512": 16, "AVX2": 8}.get(torch.backends.cpu.get_cpu_capability(), 0)
+
 
 
 class _ShortSoftmax(torch.autograd.Function):
@@ -34,8 +43,8 @@ class _ShortSoftmax(torch.autograd.Function):
 
 
 def softmax(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``x.softmax(-1, dtype=dtype)``; on CPU below 16 values per row through `_ShortSoftmax` (equal to rounding).
+    """``x.softmax(-1, dtype=dtype)``; on CPU below `short_rows()` values per row by `_ShortSoftmax` (equal to rounding).
     Graph capture (tracing, export, compile) always records PyTorch's op."""
-    if capturing() or x.device.type != "cpu" or x.shape[-1] >= SHORT or not x.is_floating_point():
+    if capturing() or x.device.type != "cpu" or x.shape[-1] >= short_rows() or not x.is_floating_point():
         return x.softmax(-1, dtype=dtype)
     return _ShortSoftmax.apply(x, dtype or x.dtype)
