@@ -35,6 +35,7 @@ import transformers
 from torch import nn
 
 import ddetr.ops
+from ddetr.engine.device import native_bf16
 from ddetr.interop.hf import ours_to_hf, ours_to_hf_config, v4_to_v5
 from ddetr.models import DeformableDETR, build, preset
 from ddetr.models.inference_ready import prepare_for_inference
@@ -190,10 +191,11 @@ def random_targets(batch: int, num_classes: int, device: torch.device) -> list[d
 
 
 def bench_preset(name: str, batch: int, size: tuple[int, int], device: torch.device, repeats: int,
-                 train_precisions: tuple[str, ...] = ("fp32", "bf16")) -> dict:
+                 train_precisions: tuple[str, ...] = ("fp32", "bf16"), bf16: bool = True) -> dict:
     """Every measurement for one preset and batch size; HF columns are None for the dense baseline.
 
     ``train_precisions``: the training steps to time, "fp32" and/or "bf16" (autocast); none skips training.
+    ``bf16``: also time bf16-autocast inference.
     """
     torch.manual_seed(0)
     cfg = preset(name)
@@ -241,13 +243,13 @@ def bench_preset(name: str, batch: int, size: tuple[int, int], device: torch.dev
             timer.remove()
         low_forward = {}
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            for impl, fwd in forward.items():
+            for impl, fwd in forward.items() if bf16 else ():
                 try:
                     fwd()
                     low_forward[impl] = fwd
                 except Exception as exc:  # noqa: BLE001 - report a failing peer in the table, go on
                     row[f"{impl}_bf16_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
-            bf16 = measure(low_forward, device, repeats)
+            low = measure(low_forward, device, repeats)
         sizes = torch.tensor([list(size)] * batch, device=device)
         post = {"ours": lambda: postprocess(fp32["ours"].output, sizes)}
         if hf is not None:
@@ -271,9 +273,9 @@ def bench_preset(name: str, batch: int, size: tuple[int, int], device: torch.dev
             if impl in results:
                 row[f"{impl}_train_{precision}_s"] = results[impl].best_s
                 row[f"{impl}_train_{precision}_mib"] = results[impl].peak_mib
-        if impl in bf16:
-            row[f"{impl}_bf16_s"] = bf16[impl].best_s
-            diffs = matched_diffs(as_pair(fp32[impl].output), as_pair(bf16[impl].output))
+        if impl in low:
+            row[f"{impl}_bf16_s"] = low[impl].best_s
+            diffs = matched_diffs(as_pair(fp32[impl].output), as_pair(low[impl].output))
             row[f"{impl}_bf16_dlogits"], row[f"{impl}_bf16_dboxes"] = diffs
     row["ready_logits"], row["ready_boxes"] = matched_diffs(as_pair(fp32["ours"].output),
                                                             as_pair(fp32["ready"].output))
@@ -325,6 +327,13 @@ def print_tables(rows: list[dict]) -> None:
                 f"{r['parity_logits']:.1e}, {r['parity_boxes']:.1e}" if "parity_logits" in r else "—",
                 f"{r['ready_logits']:.1e}, {r['ready_boxes']:.1e}"]
            for k, r in zip(key, rows)])
+    if any("ready_bf16_s" in r or "ready_bf16_error" in r for r in rows):
+        bf16_table(key, rows)
+    train_table(key, rows)
+    split_table(key, rows)
+
+
+def bf16_table(key: list[list[str]], rows: list[dict]) -> None:
     table("bf16 autocast inference (HF/ready: against HF's bf16; vs HF fp32: against HF's fp32); change: max abs vs "
           "fp32 of logits / boxes, query order free",
           ["preset", "batch", "ours ms", "ready ms", "HF ms", "HF/ready", "HF fp32 / ready", "ready change",
@@ -333,6 +342,9 @@ def print_tables(rows: list[dict]) -> None:
                 ratio(r, "bf16_s", "ready"),
                 f"{r['hf_fp32_s'] / r['ready_bf16_s']:.2f}x" if "hf_fp32_s" in r and "ready_bf16_s" in r else "—",
                 bf16_cell(r, "ready"), bf16_cell(r, "hf")] for k, r in zip(key, rows)])
+
+
+def train_table(key: list[list[str]], rows: list[dict]) -> None:
     if any("ours_train_fp32_s" in r or "ours_train_bf16_s" in r for r in rows):
         table("one training step (train mode: forward + loss + backward; bf16: forward and loss under autocast)",
               ["preset", "batch", "precision", "ours ms", "HF ms", "HF/ours", "ours peak MiB", "HF peak MiB",
@@ -340,6 +352,9 @@ def print_tables(rows: list[dict]) -> None:
               [k + [p, fmt(r[f"ours_train_{p}_s"], 1e3), fmt(r.get(f"hf_train_{p}_s"), 1e3), ratio(r, f"train_{p}_s"),
                     fmt(r[f"ours_train_{p}_mib"]), fmt(r.get(f"hf_train_{p}_mib")), ratio(r, f"train_{p}_mib")]
                for k, r in zip(key, rows) for p in ("fp32", "bf16") if f"ours_train_{p}_s" in r])
+
+
+def split_table(key: list[list[str]], rows: list[dict]) -> None:
     lines = []
     for k, r in zip(key, rows):
         for impl in ("ours", "ready", "hf"):
@@ -366,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="training steps to time (none: inference only, e.g. for batch sizes whose HF training "
                              "step does not fit in memory)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
+                        help="time bf16 autocast (inference, and training if --train has bf16): auto = where the "
+                             "device computes bf16 natively (emulated bf16 on a CPU without AVX512-BF16/AMX is "
+                             "several times slower than fp32 and measures PyTorch's emulation, not the model)")
     parser.add_argument("--quick", action="store_true", help="256x320 images: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
@@ -377,12 +396,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {device} ({cpu}), "
           f"{torch.get_num_threads()} threads, image {args.size[0]}x{args.size[1]}, best of {args.repeats} "
           f"after a warm-up; our MSDA backends available: {ddetr.ops.available_backends(probe)}")
+    bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and native_bf16(device))
+    if not bf16:
+        print(f"bf16 not timed: {'--bf16 no' if args.bf16 == 'no' else 'this CPU has no bf16 instructions'}")
+    train = tuple(p for p in args.train if p != "none" and (bf16 or p != "bf16"))
     rows = []
     for name in args.presets:
         for batch in args.batch:
             print(f"... {name} batch {batch}", flush=True)
-            rows.append(bench_preset(name, batch, tuple(args.size), device, args.repeats,
-                                     tuple(p for p in args.train if p != "none")))
+            rows.append(bench_preset(name, batch, tuple(args.size), device, args.repeats, train, bf16))
     print_tables(rows)
     return 0
 

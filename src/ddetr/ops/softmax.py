@@ -43,8 +43,8 @@ class _ShortSoftmax(torch.autograd.Function):
 
 
 def softmax(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``x.softmax(-1, dtype=dtype)``; on CPU below `short_rows()` values per row by `_ShortSoftmax` (equal to rounding).
-    Graph capture (tracing, export, compile) always records PyTorch's op."""
+    """``x.softmax(-1, dtype=dtype)``; on CPU below `short_rows()` values per row by `_ShortSoftmax` (equal to
+    rounding). Graph capture (tracing, export, compile) always records PyTorch's op."""
     if capturing() or x.device.type != "cpu" or x.shape[-1] >= short_rows() or not x.is_floating_point():
         return x.softmax(-1, dtype=dtype)
     return _ShortSoftmax.apply(x, dtype or x.dtype)
