@@ -37,9 +37,19 @@ from ddetr.ops.ms_deform_attn import Shapes, register_backend
 
 _SOURCE = Path(__file__).parent / "csrc" / "ms_deform_attn_cpu.cpp"
 _SOURCES = [_SOURCE, _SOURCE.parent / "dropout_cpu.cpp"]  # one library: the operator and the training dropout
+
+
+def _arch_flags(machine: str) -> list[str]:
+    """Tune for this CPU. x86: -mprefer-vector-width=512 fills a 16-sample table in one AVX-512 pass (5.8 -> 4.1 ns
+    per sample in isolation); it is an x86-only option, which other compilers reject (and then nothing is built).
+    ARM and POWER compilers take -mcpu=native (POWER has no -march=native)."""
+    if machine.lower() in ("x86_64", "amd64", "i386", "i686"):
+        return ["-march=native", "-mprefer-vector-width=512"]
+    return ["-mcpu=native"]
+
+
 # -fno-trapping-math lets GCC vectorise the branch-free coordinate loops; it does not change any result.
-# -mprefer-vector-width=512 fills a 16-sample table in one AVX-512 pass (5.8 -> 4.1 ns per sample in isolation).
-_CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-trapping-math", "-fopenmp"]
+_CFLAGS = ["-O3", *_arch_flags(platform.machine()), "-fno-trapping-math", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _NAME = "ddetr_msda_cpu"  # library file and TORCH_LIBRARY namespace
 
