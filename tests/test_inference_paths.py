@@ -137,3 +137,17 @@ def test_bf16_inference_path_keeps_locations_and_weights_in_fp32(chunk_calls) ->
     # layer 0's inputs are the same up to bf16 rounding of the projections' operands
     assert (low[name].sampling_locations - exact[name].sampling_locations).abs().max() < 0.02
     assert (low[name].attention_weights.sum(-1).sum(-1) - 1).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bench_predict_prints_its_row_and_times_bf16_only_where_native(capsys, monkeypatch, one_thread, native):
+    """One size, a few JPEGs: the row has the 0.1 loop, the fp32 predict loop and their ratio; bf16 is timed where the
+    CPU computes it and shown as — elsewhere, saying why (emulated bf16 would time PyTorch's emulation)."""
+    from ddetr.bench import predict as bench_predict
+    monkeypatch.setattr(bench_predict, "native_bf16", lambda device: native)
+    bench_predict.main(["--sizes", "64", "--images", "4", "--batch-size", "2", "--workers", "1", "--repeats", "1"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| 64 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 6 and float(cells[1]) > 0 and float(cells[2]) > 0 and cells[3].endswith("x")
+    assert (cells[4:] != ["—", "—"]) == native and ("bf16 not timed" in out) != native
