@@ -3,7 +3,8 @@
 // Layout as in ddetr/ops/ms_deform_attn.py: value (N, S, M, D), loc (N, Lq, M, L, P, 2) normalised (x, y),
 // attn (N, Lq, M, L, P), output (N, Lq, M*D); bilinear sampling with zeros outside the map and pixel
 // coordinate = loc * size - 0.5. Half types (bf16/fp16) are read as stored and accumulated in fp32; fp64 stays
-// fp64. Channels are processed in 64-byte vectors (16 fp32 or 8 fp64 lanes) plus a scalar tail, so any D works.
+// fp64. Channels are processed in register-wide vectors (vec.h: 64 bytes with AVX-512, else 32) plus a scalar
+// tail, so any D works.
 //
 // Forward: one task per (batch, head, block of queries), heads outermost so a head's pixels stay cached; each
 // output row is summed by one thread in a fixed order. Backward: one task per (batch, head), which owns that
