@@ -180,6 +180,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
 TORCH_LIBRARY(ddetr_msda_cpu, m) {
   m.def("forward(Tensor value, int[] shapes, Tensor loc, Tensor attn) -> Tensor");
   m.def("backward(Tensor grad_out, Tensor value, int[] shapes, Tensor loc, Tensor attn) -> (Tensor, Tensor, Tensor)");
+  // The channel vector width this build uses (vec.h): one register, so tests can check it matches the CPU.
+  m.def("vector_bytes", []() -> int64_t { return ddetr_msda::kVecBytes; });
 }
 
 TORCH_LIBRARY_IMPL(ddetr_msda_cpu, CPU, m) {
