@@ -85,15 +85,16 @@ def main(argv: list[str] | None = None) -> None:
             as_trained = Detector(model, meta, size=size, max_size=size * 2)
             as_trained.model = legacy  # as ddetr 0.1: BatchNorm unfolded, NCHW, layers as written
             fp32 = Detector(model, meta, size=size, max_size=size * 2)
-            low_detector = Detector(model, meta, size=size, max_size=size * 2, amp="bf16") if bf16 else None
-            for detector in (as_trained, fp32, low_detector)[:3 if bf16 else 2]:
+            batched_detectors = [fp32]
+            if bf16:
+                batched_detectors.append(Detector(model, meta, size=size, max_size=size * 2, amp="bf16"))
+            for detector in (as_trained, *batched_detectors):
                 one_at_a_time(detector, paths[:2])  # warm-up (kernel load, allocator)
             old, new, low = [], [], []
             for _ in range(args.repeats):
                 old.append(one_at_a_time(as_trained, paths))
-                new.append(batched(fp32, paths, args.batch_size, args.workers))
-                if low_detector is not None:
-                    low.append(batched(low_detector, paths, args.batch_size, args.workers))
+                for detector, rates in zip(batched_detectors, (new, low)):
+                    rates.append(batched(detector, paths, args.batch_size, args.workers))
             low_cells = f"{max(low):.2f} | {max(low) / max(old):.2f}x" if low else "— | —"
             print(f"| {size} | {max(old):.2f} | {max(new):.2f} | {max(new) / max(old):.2f}x | {low_cells} |",
                   flush=True)
