@@ -1,6 +1,7 @@
 """`ddetr bench predict`: images/s of `predict`'s loop (model prepared for inference, batched, images decoded ahead by
-threads; fp32 and ``--amp bf16``) against ddetr 0.1's loop (the model as trained with every layer as written, one
-image at a time, decoded in the main thread), side by side in one process on the same files and weights."""
+threads; fp32, and ``--amp bf16`` where the CPU computes bf16) against ddetr 0.1's loop (the model as trained with
+every layer as written, one image at a time, decoded in the main thread), side by side in one process on the same
+files and weights."""
 
 from __future__ import annotations
 
