@@ -61,22 +61,26 @@ struct SampleTable {
   }
 };
 
-// Weighted sum of the table's corners over W vectors of channels starting at channel ch (one accumulator
-// per corner and vector keeps the FMA chains short).
-template <int W, typename Table, typename scalar_t>
+// Weighted sum of the table's corners over W vectors of channels starting at channel ch, into C groups of
+// accumulators (corner k into group k % C): W * C independent FMA chains, as many as the registers allow.
+template <int W, int C, typename Table, typename scalar_t>
 inline void gather(const Table& t, int64_t LP, scalar_t* out, int64_t ch) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = typename Vec<acc_t>::type;
   constexpr int64_t K = Vec<acc_t>::size;
-  V acc[4][W] = {};
+  V acc[C][W] = {};
   for (int64_t j = 0; j < LP; ++j) {
     for (int k = 0; k < 4; ++k) {
       const acc_t w = t.w[k][j];
       const scalar_t* p = t.corner(k, j) + ch;
-      for (int i = 0; i < W; ++i) acc[k][i] += w * load_vec(p + i * K);
+      for (int i = 0; i < W; ++i) acc[k % C][i] += w * load_vec(p + i * K);
     }
   }
-  for (int i = 0; i < W; ++i) store_vec(out + i * K, (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i]));
+  for (int i = 0; i < W; ++i) {
+    V sum = acc[0][i];
+    for (int c = 1; c < C; ++c) sum += acc[c][i];
+    store_vec(out + i * K, sum);
+  }
 }
 
 constexpr int64_t kQueryBlock = 32;
@@ -124,8 +128,12 @@ void forward_kernel(const std::vector<const scalar_t*>& images, Layout lay, cons
         const Table& t = tables[q & 1];
         scalar_t* orow = out + ((n * Lq + q) * M + m) * D;
         int64_t ch = 0;
-        for (; ch + 2 * K <= D; ch += 2 * K) gather<2>(t, LP, orow + ch, ch);
-        for (; ch + K <= D; ch += K) gather<1>(t, LP, orow + ch, ch);
+        // 8 accumulators fit the 16 registers of AVX2 and the 32 of AVX-512 with room for the loads: 32-byte
+        // vectors take a 32-channel head (4 vectors) in one pass, 64-byte ones 2 vectors (32 channels) per pass.
+        if constexpr (kVecBytes == 32)
+          for (; ch + 4 * K <= D; ch += 4 * K) gather<4, 2>(t, LP, orow + ch, ch);
+        for (; ch + 2 * K <= D; ch += 2 * K) gather<2, 4>(t, LP, orow + ch, ch);
+        for (; ch + K <= D; ch += K) gather<1, 4>(t, LP, orow + ch, ch);
         for (; ch < D; ++ch) {
           acc_t acc = 0;
           for (int k = 0; k < 4; ++k)
