@@ -8,7 +8,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -91,9 +91,15 @@ inline void store_vec(c10::Half* p, VecF v) {
 #endif
 }
 
+// Horizontal sums as trees of halves (a lane-by-lane chain cost the AVX2 backward ~40 instructions per sample).
 inline float hsum(VecF v) {
 #if defined(__AVX512F__)
   return _mm512_reduce_add_ps((__m512)v);
+#elif defined(__AVX__)
+  const __m256 x = (__m256)v;
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 #else
   float s = 0;
   for (int i = 0; i < kLanes; ++i) s += v[i];
@@ -103,6 +109,10 @@ inline float hsum(VecF v) {
 inline double hsum(VecD v) {
 #if defined(__AVX512F__)
   return _mm512_reduce_add_pd((__m512d)v);
+#elif defined(__AVX__)
+  const __m256d x = (__m256d)v;
+  const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 #else
   double s = 0;
   for (int i = 0; i < kLanes / 2; ++i) s += v[i];
