@@ -26,7 +26,8 @@ from ddetr.ops import cpu_kernel, ms_deform_attn, ms_deform_attn_reference
 msda = importlib.import_module("ddetr.ops.ms_deform_attn")  # the module (the package exports the function)
 
 # (n, lq, m, d, shapes, p). D covers the scalar tail, one, two and four vectors (the forward takes a 32-byte
-# vector CPU's 32-channel heads in one pass of 4), and mixes of those (44 = 4 + 1 AVX2 vectors + a tail). Cases with
+# vector CPU's 32-channel heads in one pass of 4; the backward unrolls heads of exactly 2 or 4 vectors: 16 and 32
+# channels with AVX2), and mixes of those (44 = 4 + 1 AVX2 vectors + a tail). Cases with
 # Lq * L * P >= 4 S (the 2nd and 4th) make the kernel copy value head-major; the others read it in place.
 CASES = [
     (1, 7, 2, 3, ((4, 5), (2, 3)), 2),
@@ -35,6 +36,7 @@ CASES = [
     (2, 8, 2, 48, ((3, 4), (2, 3), (2, 2), (1, 1)), 3),
     (1, 9, 4, 17, ((6, 7), (3, 4)), 4),
     (1, 5, 2, 44, ((4, 3), (2, 2)), 2),
+    (2, 6, 2, 16, ((3, 5), (2, 2)), 2),
 ]
 
 
@@ -150,9 +152,10 @@ def test_corners_off_the_map_never_read_value(lq):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("half_all", [True, False], ids=["all-half", "value-half"])
 @pytest.mark.parametrize("lq", [8, 28], ids=["in-place", "head-major"])
-def test_half_precision_matches_float32(dtype, half_all, lq):
+@pytest.mark.parametrize("d", [32, 48])
+def test_half_precision_matches_float32(dtype, half_all, lq, d):
     """Half inputs are read as stored and accumulated in fp32: results are fp32 ones (same rounded inputs)."""
-    inputs = make_op_inputs(2, lq, 2, 48, ((6, 7), (3, 4)), 4, seed=15, loc_range=(0.0, 1.0))
+    inputs = make_op_inputs(2, lq, 2, d, ((6, 7), (3, 4)), 4, seed=15, loc_range=(0.0, 1.0))
     inputs.attention_weights /= inputs.attention_weights.sum((-1, -2), keepdim=True)
     half = inputs.to(dtype=dtype)
     if not half_all:  # autocast style: value in half, locations and weights in fp32
@@ -165,7 +168,7 @@ def test_half_precision_matches_float32(dtype, half_all, lq):
     assert torch.equal(out, expected.to(dtype))  # the same fp32 sums, rounded to nearest even like torch
     torch.testing.assert_close(out.double(), reference(exact.to(dtype=torch.float64)),
                                atol=2e-2 if dtype == torch.bfloat16 else 3e-3, rtol=0)
-    grad_out = torch.randn(2, lq, 96).to(dtype)
+    grad_out = torch.randn(2, lq, 2 * d).to(dtype)
     got = grads(cpu, half, grad_out)
     for g, t, e in zip(got, (half.value, half.sampling_locations, half.attention_weights),
                        grads(reference, exact, grad_out.float())):

@@ -156,10 +156,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   at::Tensor grad_loc = at::empty_like(in.loc), grad_attn = at::empty_like(in.attn);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.value.scalar_type(), "ms_deform_attn_cpu_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_kernel<scalar_t, acc_t>(go.data_ptr<scalar_t>(), pointers<const scalar_t>(images),
-                                     pointers<acc_t>(grad_images), lay, in.loc.data_ptr<acc_t>(),
-                                     in.attn.data_ptr<acc_t>(), grad_loc.data_ptr<acc_t>(),
-                                     grad_attn.data_ptr<acc_t>(), in.N, in.S, in.M, in.D, in.Lq, in.P, in.levels);
+    auto run = [&](auto nv) {
+      backward_kernel<decltype(nv)::value, scalar_t, acc_t>(
+          go.data_ptr<scalar_t>(), pointers<const scalar_t>(images), pointers<acc_t>(grad_images), lay,
+          in.loc.data_ptr<acc_t>(), in.attn.data_ptr<acc_t>(), grad_loc.data_ptr<acc_t>(),
+          grad_attn.data_ptr<acc_t>(), in.N, in.S, in.M, in.D, in.Lq, in.P, in.levels);
+    };
+    constexpr int64_t K = Vec<acc_t>::size;  // heads of 2 or 4 channel vectors get unrolled loops
+    if (in.D == 2 * K) run(std::integral_constant<int, 2>());
+    else if (in.D == 4 * K) run(std::integral_constant<int, 4>());
+    else run(std::integral_constant<int, 0>());
   });
   images.clear();  // the head-major copies are not needed any more: lower the peak memory
   at::Tensor grad_value;

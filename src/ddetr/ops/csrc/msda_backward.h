@@ -38,9 +38,40 @@ struct CornerTable {
   }
 };
 
+// One sample's channels, corner k at value row v[k] and gradient row g[k]: d[k] += grad_out * value (lane-wise,
+// summed later), g[k] += aw[k] * grad_out. NV > 0: D is exactly NV vectors, grad_out is held in registers (gv) and
+// the loop is unrolled; NV = 0: any D, grad_out read from go, channels past the last vector summed into tail.
+template <int NV, typename scalar_t, typename acc_t, typename V>
+inline void sample_channels(const V* gv, const acc_t* go, int64_t D, const scalar_t* const* v, acc_t* const* g,
+                            const acc_t* aw, V* d, acc_t* tail) {
+  constexpr int64_t K = Vec<acc_t>::size;
+  if constexpr (NV > 0) {
+    for (int k = 0; k < 4; ++k)
+      for (int i = 0; i < NV; ++i) {
+        d[k] += gv[i] * load_vec(v[k] + i * K);
+        store_vec(g[k] + i * K, load_vec(g[k] + i * K) + aw[k] * gv[i]);
+      }
+  } else {
+    int64_t ch = 0;
+    for (; ch + K <= D; ch += K) {
+      const V x = load_vec(go + ch);
+      for (int k = 0; k < 4; ++k) {
+        d[k] += x * load_vec(v[k] + ch);
+        store_vec(g[k] + ch, load_vec(g[k] + ch) + aw[k] * x);
+      }
+    }
+    for (; ch < D; ++ch)
+      for (int k = 0; k < 4; ++k) {
+        tail[k] += go[ch] * static_cast<acc_t>(v[k][ch]);
+        g[k][ch] += aw[k] * go[ch];
+      }
+  }
+}
+
 // Each image's grad_value buffer has the layout of its value buffer; each (batch, head) task clears and
 // accumulates its own slice of it.
-template <typename scalar_t, typename acc_t>
+// NV: the number of channel vectors when D is exactly that many (its loops unrolled), else 0.
+template <int NV, typename scalar_t, typename acc_t>
 void backward_kernel(const scalar_t* grad_out, const std::vector<const scalar_t*>& images,
                      const std::vector<acc_t*>& grad_images, Layout lay, const acc_t* loc, const acc_t* attn,
                      acc_t* grad_loc, acc_t* grad_attn, int64_t N, int64_t S,
@@ -72,6 +103,8 @@ void backward_kernel(const scalar_t* grad_out, const std::vector<const scalar_t*
           prefetch(grad_attn + ahead * LP, LP * sizeof(acc_t));
         }
         for (int64_t ch = 0; ch < D; ++ch) go[ch] = static_cast<acc_t>(grad_out[row * D + ch]);
+        V gv[NV > 0 ? NV : 1];
+        for (int i = 0; i < NV; ++i) gv[i] = load_vec(go.data() + i * K);
         t.fill(loc + row * LP * 2, lanes, LP);
         for (int64_t j = 0; j < LP; ++j) {
           const acc_t fx = t.fx[j], fy = t.fy[j], a = attn[row * LP + j];
@@ -83,23 +116,10 @@ void backward_kernel(const scalar_t* grad_out, const std::vector<const scalar_t*
             v[k] = pix >= 0 ? vhead + pix * lay.pixel : zeros.data();
             g[k] = pix >= 0 ? ghead + pix * lay.pixel : dump.data();
           }
-          // d[k] accumulates <grad_out, value at corner k> lane-wise; tail[k] the channels past the last vector.
+          const acc_t aw[4] = {a * w[0], a * w[1], a * w[2], a * w[3]};
           V d[4] = {};
           acc_t tail[4] = {0, 0, 0, 0};
-          int64_t ch = 0;
-          for (; ch + K <= D; ch += K) {
-            const V gv = load_vec(go.data() + ch);
-            for (int k = 0; k < 4; ++k) {
-              d[k] += gv * load_vec(v[k] + ch);
-              store_vec(g[k] + ch, load_vec(g[k] + ch) + (a * w[k]) * gv);
-            }
-          }
-          for (; ch < D; ++ch) {
-            for (int k = 0; k < 4; ++k) {
-              tail[k] += go[ch] * static_cast<acc_t>(v[k][ch]);
-              g[k][ch] += (a * w[k]) * go[ch];
-            }
-          }
+          sample_channels<NV>(gv, go.data(), D, v, g, aw, d, tail);
           // The sample is sum_k w_k * value_k with w_k bilinear in (fx, fy); grad wrt w_k is dot_k.
           const V dx = (1 - fy) * (d[1] - d[0]) + fy * (d[3] - d[2]);
           const V dy = (1 - fx) * (d[2] - d[0]) + fx * (d[3] - d[1]);
