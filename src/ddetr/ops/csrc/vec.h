@@ -2,7 +2,8 @@
 // AVX-512, 32 bytes elsewhere (AVX2: 64-byte vectors there are register pairs, and the forward's 8 accumulators
 // of them spilled to the stack: 13x slower than at 32 bytes, measured on an AVX2-only AMD EPYC). Loads widen
 // bf16/fp16 to fp32, stores round back (to nearest even, like c10), and horizontal sums. GCC/Clang vector
-// extensions, with AVX-512 intrinsics where they are shorter and a portable version of those otherwise.
+// extensions, with AVX-512 intrinsics (AVX ones for 32-byte horizontal sums) where they are shorter and a portable
+// version of those otherwise.
 #pragma once
 
 #include <c10/util/BFloat16.h>
