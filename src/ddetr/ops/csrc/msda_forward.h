@@ -76,9 +76,10 @@ inline void gather(const Table& t, int64_t LP, scalar_t* out, int64_t ch) {
       for (int i = 0; i < W; ++i) acc[k % C][i] += w * load_vec(p + i * K);
     }
   }
+  static_assert(C == 2 || C == 4, "corners go into 2 or 4 accumulator groups");
   for (int i = 0; i < W; ++i) {
-    V sum = acc[0][i];
-    for (int c = 1; c < C; ++c) sum += acc[c][i];
+    V sum = acc[0][i] + acc[1][i];
+    if constexpr (C == 4) sum += acc[2][i] + acc[3][i];  // (0 + 1) + (2 + 3), as before the groups
     store_vec(out + i * K, sum);
   }
 }
