@@ -14,8 +14,9 @@ import torchvision
 from torch import nn
 
 from ddetr.models import DeformableDETR, build, preset
-from ddetr.models.backbone import Backbone, SubsampledConv2d
+from ddetr.models.backbone import Backbone
 from ddetr.models.config import PRESETS, ModelConfig, set_field
+from ddetr.models.convs import SubsampledConv2d
 
 SMALL = {"hidden_dim": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 1, "dim_feedforward": 32, "num_queries": 5}
 RESNET_CHANNELS = {"resnet18": [128, 256, 512], "resnet34": [128, 256, 512], "resnet50": [512, 1024, 2048],

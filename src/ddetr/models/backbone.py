@@ -16,6 +16,8 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from .convs import speed_up_training_convs
+
 log = logging.getLogger(__name__)
 
 RESNET_CHANNELS = {"resnet18": (128, 256, 512), "resnet34": (128, 256, 512),
@@ -23,32 +25,6 @@ RESNET_CHANNELS = {"resnet18": (128, 256, 512), "resnet34": (128, 256, 512),
 TIMM_PREFIX = "timm:"
 _WAYS_OUT = ("--set detector.model.pretrained_backbone=PATH ({} state dict), or "
              "--set detector.model.pretrained_backbone=none to train from scratch on purpose")
-
-
-class SubsampledConv2d(nn.Conv2d):
-    """A ResNet's strided 1x1 shortcut convolution that, under autograd on a CPU, takes every stride-th pixel and
-    then convolves with stride 1: the same sums. oneDNN's strided 1x1 backward is slow: ResNet-50's C4 shortcut
-    at 800x1333 took 680 ms forward + backward in channels_last, 170 ms subsampled first (AVX2 EPYC). Without
-    autograd (inference, export: there the strided forward is as fast) and on GPUs (not measured) it is the plain
-    strided convolution."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            sy, sx = self.stride
-            return F.conv2d(x[:, :, ::sy, ::sx], self.weight, self.bias)
-        return super().forward(x)
-
-
-def _subsample_shortcuts(body: nn.Module) -> None:
-    """Make the ResNet's strided 1x1 shortcut convolutions SubsampledConv2d (same parameters and names)."""
-    for block in body.modules():
-        conv = block.downsample[0] if isinstance(getattr(block, "downsample", None), nn.Sequential) else None
-        if (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.padding == (0, 0)
-                and conv.dilation == (1, 1) and conv.groups == 1 and conv.stride != (1, 1)):
-            shortcut = nn.utils.skip_init(SubsampledConv2d, conv.in_channels, conv.out_channels, 1, conv.stride,
-                                          bias=conv.bias is not None)  # no init: the random stream stays the same
-            shortcut.weight, shortcut.bias = conv.weight, conv.bias
-            block.downsample[0] = shortcut
 
 
 class Backbone(nn.Module):
@@ -82,7 +58,7 @@ class Backbone(nn.Module):
             kwargs = {"replace_stride_with_dilation": [False, False, True]} if dilation else {}
             body = getattr(torchvision.models, name)(weights=None, norm_layer=norm, **kwargs)
             del body.fc, body.avgpool
-            _subsample_shortcuts(body)
+            speed_up_training_convs(body)
             self.body = body
             self.num_channels = list(RESNET_CHANNELS[name][3 - num_outputs:])
             self.strides = [8, 16, 32 if not dilation else 16][3 - num_outputs:]

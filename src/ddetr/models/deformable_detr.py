@@ -7,6 +7,7 @@ from torch import nn
 
 from ddetr.models.backbone import Backbone, PositionEmbeddingSine, resize_mask
 from ddetr.models.config import ModelConfig
+from ddetr.models.convs import TapwiseConv2d
 from ddetr.models.deform_attn import MSDeformAttn
 from ddetr.models.heads import build_heads
 from ddetr.models.transformer import DeformableTransformer
@@ -34,7 +35,7 @@ class DeformableDETR(nn.Module):
                 for c in self.backbone.num_channels]
         in_ch = self.backbone.num_channels[-1]
         for _ in range(cfg.num_feature_levels - len(proj)):  # extra levels: 3x3 stride-2 convs, first on raw C5
-            proj.append(nn.Sequential(nn.Conv2d(in_ch, d, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, d)))
+            proj.append(nn.Sequential(TapwiseConv2d(in_ch, d, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, d)))
             in_ch = d
         self.input_proj = nn.ModuleList(proj)
         for conv, _ in self.input_proj:
