@@ -1,10 +1,11 @@
 """Benchmark the whole detector next to HF's DeformableDetrForObjectDetection: same config, same weights.
 
 Per preset and batch size: fp32 inference (eval, no_grad) time and peak memory; bf16-autocast inference time
-and how far its logits/boxes move from fp32; one training step (forward + loss + backward) time and peak
-memory; and where the fp32 inference time goes (backbone, encoder, decoder, the rest: input projections,
-position embeddings, proposals, heads), measured with forward hooks. Times are the fastest of ``--repeats``
-calls after a warm-up, ours and HF alternating (other processes' load only ever adds time).
+and how far its logits/boxes move from fp32; one training step (forward + loss + backward; ours in channels_last
+as `ddetr train` runs it) time and peak memory; and where the fp32 inference time goes (backbone, encoder,
+decoder, the rest: input projections, position embeddings, proposals, heads), measured with forward hooks. Times
+are the fastest of ``--repeats`` calls after a warm-up, ours and HF alternating (other processes' load only ever
+adds time).
 Our weights are loaded into HF through ``ddetr.interop.hf`` and the fp32 outputs of both are compared, so
 the two time the same network. CPU memory is the growth of the process's peak RSS during one call (Linux:
 the high-water mark is reset through /proc/self/clear_refs after freed memory is returned with malloc_trim);
@@ -257,6 +258,7 @@ def bench_preset(name: str, batch: int, size: tuple[int, int], device: torch.dev
             processor = transformers.DeformableDetrImageProcessor()
             post["hf"] = lambda: processor.post_process_object_detection(fp32["hf"].output, 0.0, sizes, top_k=100)
         post_s = measure(post, device, max(repeats, 5))
+    model.use_channels_last()  # ours trains as `ddetr train` runs it; HF as its models come
     for net in nets.values():
         net.train()
     train = {precision: measure({impl: partial(fn, precision == "bf16") for impl, fn in step.items()}, device,
