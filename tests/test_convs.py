@@ -14,6 +14,7 @@ from torch import nn
 from ddetr.models import build, preset
 from ddetr.models.backbone import Backbone
 from ddetr.models.convs import TapwiseConv2d
+from ddetr.ops import conv as conv_ops
 from ddetr.ops.conv import conv_weight_grad, tapwise_conv2d
 
 GEOMETRIES = [  # (kernel, stride, dilation)
@@ -27,12 +28,13 @@ def _reference_weight_grad(g, x, w, stride, pad, dilation):
 
 @pytest.mark.parametrize("k,stride,dilation", GEOMETRIES)
 @pytest.mark.parametrize("n,h,w", [(1, 9, 12), (3, 8, 7), (2, 1, 5)])
-def test_weight_grad_matches_pytorch(k, stride, dilation, n, h, w) -> None:
-    """Every geometry `conv_weight_grad` takes, odd and even sizes, batches, both layouts, in float64: PyTorch's
-    convolution backward (a different algorithm) to rounding."""
+def test_weight_grad_matches_pytorch(k, stride, dilation, n, h, w, monkeypatch) -> None:
+    """Every geometry `conv_weight_grad` takes, odd and even sizes, batches, both layouts, whole and in chunks of
+    pixels, in float64: PyTorch's convolution backward (a different algorithm) to rounding."""
     torch.manual_seed(k * 100 + stride * 10 + dilation + n)
     pad = dilation * (k - 1) // 2
-    for layout in (torch.contiguous_format, torch.channels_last):
+    for layout, chunk in itertools.product((torch.contiguous_format, torch.channels_last), (4096, 7)):
+        monkeypatch.setattr(conv_ops, "_CHUNK", chunk)
         x = torch.randn(n, 5, h, w, dtype=torch.float64).to(memory_format=layout)
         weight = torch.randn(6, 5, k, k, dtype=torch.float64).to(memory_format=layout)
         g = torch.randn_like(F.conv2d(x, weight, None, stride, pad, dilation))

@@ -12,6 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+# Pixels per GEMM: every tap runs on one chunk of the grids while it is in cache (the taps' inputs overlap). At 64
+# channels, batch 8 of 64x64 (the demo's C2): 42 -> 30 ms against whole-grid GEMMs; 128-512 channels: the same.
+_CHUNK = 4096
+
 
 def _phase_grids(x: torch.Tensor, pad: int, stride: int, rows: int, cols: int, pixels_first: bool) -> torch.Tensor:
     """(N, C, H, W) zero-padded by pad on each side and split into its stride x stride phases (pixels with the same
@@ -47,20 +51,22 @@ def conv_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, kernel_size: int, 
     gs = _phase_grids(grad_out, 0, 1, rows, cols, pixels_first)
     pixels = (n - 1) * rows * cols + (ho - 1) * cols + wo  # through the last output pixel
     per_phase = n * rows * cols
-    if pixels_first:
-        gt = gs[:pixels].t()
-        out = x.new_empty(o, kernel_size, kernel_size, c)
-    else:
-        gt = gs[:, :pixels]
-        out = x.new_empty(kernel_size, kernel_size, o, c)
+    out = x.new_zeros(o, kernel_size, kernel_size, c) if pixels_first else x.new_zeros(kernel_size, kernel_size, o, c)
+    taps = []  # (where the tap's input starts in xs, its (O, C) gradient)
     for i in range(kernel_size):
         for j in range(kernel_size):
             (di, pi), (dj, pj) = divmod(i * dilation, stride), divmod(j * dilation, stride)
-            start = (pi * stride + pj) * per_phase + di * cols + dj
-            if pixels_first:
-                torch.mm(gt, xs[start:start + pixels], out=out[:, i, j])
-            else:
-                torch.mm(gt, xs[:, start:start + pixels].t(), out=out[i, j])
+            taps.append(((pi * stride + pj) * per_phase + di * cols + dj, out[:, i, j] if pixels_first else out[i, j]))
+    for a in range(0, pixels, _CHUNK):
+        b = min(a + _CHUNK, pixels)
+        if pixels_first:
+            g_chunk = gs[a:b].t()
+            for start, grad in taps:
+                grad.addmm_(g_chunk, xs[start + a:start + b])
+        else:
+            g_chunk = gs[:, a:b]
+            for start, grad in taps:
+                grad.addmm_(g_chunk, xs[:, start + a:start + b].t())
     return out.permute(0, 3, 1, 2) if pixels_first else out.permute(2, 3, 0, 1).contiguous()
 
 
