@@ -2,9 +2,11 @@
 
 oneDNN's weight gradient of a 3x3 convolution runs at 20-60 GFLOP/s stride 1 and 13-22 stride 2 on a 2-core AVX2
 EPYC (its forward and input gradient at 100-150): ResNet-50's 3x3s at 800x1333 took 90-365 ms each for the weight
-gradient alone. Laid out on the zero-padded pixel grid (channels last), the input seen by tap (i, j) is the same
-matrix shifted by i * dilation grid rows plus j * dilation pixels (strided: within one of the stride x stride phase
-grids), so the tap's gradient is one (out, pixels) x (pixels, in) GEMM on views, with no im2col copy."""
+gradient alone. Laid out on the zero-padded pixel grid, the input seen by tap (i, j) is the same matrix shifted by
+i * dilation grid rows plus j * dilation pixels (strided: within one of the stride x stride phase grids), so the
+tap's gradient is one (out, pixels) x (pixels, in) GEMM on views of one padded copy (an im2col buffer would be
+k * k copies). In channels_last (pixels, channels) matrices, 1.4-3.9x oneDNN's time at ResNet-50's shapes; NCHW
+(channels, pixels), where oneDNN's own is 2-4x faster than in channels_last, 1.0-1.5x."""
 
 from __future__ import annotations
 
