@@ -95,6 +95,8 @@ def test_tapwise_layer_trains_like_conv2d_and_infers_as_it(kw) -> None:
         with torch.no_grad():
             assert torch.equal(tapwise(x), plain(x))
     x = torch.randn(1, 16, 9, 9, requires_grad=True)
+    unbatched = tapwise(x[0])  # nn.Conv2d takes (C, H, W) too
+    assert type(unbatched.grad_fn).__name__ == "ConvolutionBackward0" and torch.equal(unbatched, plain(x[0]))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert type(tapwise(x).grad_fn).__name__ == "ConvolutionBackward0"
     assert type(tapwise.bfloat16()(x.bfloat16()).grad_fn).__name__ == "ConvolutionBackward0"

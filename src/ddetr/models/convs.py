@@ -47,7 +47,7 @@ class TapwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (_cpu_autograd(x, self.weight) and self.weight.requires_grad and not torch.is_autocast_enabled("cpu")
-                and x.dtype in (torch.float32, torch.float64)):
+                and x.dtype in (torch.float32, torch.float64) and x.dim() == 4):
             return tapwise_conv2d(x, self.weight, self.bias, self.stride[0], self.dilation[0])
         return super().forward(x)
 
