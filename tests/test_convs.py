@@ -96,7 +96,9 @@ def test_tapwise_layer_trains_like_conv2d_and_infers_as_it(kw) -> None:
             assert torch.equal(tapwise(x), plain(x))
     x = torch.randn(1, 16, 9, 9, requires_grad=True)
     unbatched = tapwise(x[0])  # nn.Conv2d takes (C, H, W) too
-    assert type(unbatched.grad_fn).__name__ == "ConvolutionBackward0" and torch.equal(unbatched, plain(x[0]))
+    g = torch.randn_like(unbatched)
+    assert _count_nodes(unbatched, "_TapwiseConv2dBackward") == 0 and torch.equal(unbatched, plain(x[0]))
+    assert torch.equal(torch.autograd.grad(unbatched, x, g)[0], torch.autograd.grad(plain(x[0]), x, g)[0])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert type(tapwise(x).grad_fn).__name__ == "ConvolutionBackward0"
     assert type(tapwise.bfloat16()(x.bfloat16()).grad_fn).__name__ == "ConvolutionBackward0"
