@@ -4,6 +4,7 @@ TapwiseConv2d layers the ResNets and the extra input projection train with."""
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -99,6 +100,10 @@ def test_tapwise_layer_trains_like_conv2d_and_infers_as_it(kw) -> None:
     g = torch.randn_like(unbatched)
     assert _count_nodes(unbatched, "_TapwiseConv2dBackward") == 0 and torch.equal(unbatched, plain(x[0]))
     assert torch.equal(torch.autograd.grad(unbatched, x, g)[0], torch.autograd.grad(plain(x[0]), x, g)[0])
+    with warnings.catch_warnings():  # torch.jit.trace is deprecated, still a recorder users (and ONNX) run
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(tapwise, x)  # a graph being recorded gets the plain convolution, not a Python op
+    assert "PythonOp" not in str(traced.graph) and "aten::_convolution" in str(traced.graph)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert type(tapwise(x).grad_fn).__name__ == "ConvolutionBackward0"
     assert type(tapwise.bfloat16()(x.bfloat16()).grad_fn).__name__ == "ConvolutionBackward0"

@@ -11,10 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.conv import tapwise_conv2d
+from ..ops.ms_deform_attn import capturing
 
 
 def _cpu_autograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    """Eager CPU training (a graph being recorded gets the plain convolution)."""
+    return (x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+            and not capturing())
 
 
 class SubsampledConv2d(nn.Conv2d):
