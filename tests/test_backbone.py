@@ -16,7 +16,6 @@ from torch import nn
 from ddetr.models import DeformableDETR, build, preset
 from ddetr.models.backbone import Backbone
 from ddetr.models.config import PRESETS, ModelConfig, set_field
-from ddetr.models.convs import SubsampledConv2d
 
 SMALL = {"hidden_dim": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 1, "dim_feedforward": 32, "num_queries": 5}
 RESNET_CHANNELS = {"resnet18": [128, 256, 512], "resnet34": [128, 256, 512], "resnet50": [512, 1024, 2048],
@@ -161,53 +160,6 @@ def test_resnet_freezing_follows_the_official_recipe() -> None:
     assert trainable() == {"layer2", "layer3", "layer4"}
     assert trainable(frozen_batchnorm=False) == {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}
     assert trainable(train_backbone=False) == set()
-
-
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_strided_shortcuts_subsample_under_autograd_with_the_same_numbers(name) -> None:
-    """The ResNets' strided 1x1 shortcuts (not DC5's stride-1 one) subsample then convolve under autograd on CPU,
-    and are the plain strided convolution otherwise: outputs and gradients equal torchvision's layer, names and
-    state dict unchanged."""
-    torch.manual_seed(0)
-    bb = Backbone(name, 3)
-    after_ours = torch.rand(3)
-    torch.manual_seed(0)
-    getattr(torchvision.models, name)(norm_layer=torchvision.ops.FrozenBatchNorm2d)
-    assert torch.equal(after_ours, torch.rand(3))  # the swap draws no random numbers: seeded inits stay as they were
-    shortcuts = {n for n, m in bb.body.named_modules() if isinstance(m, SubsampledConv2d)}
-    assert shortcuts == {f"layer{i}.0.downsample.0" for i in (2, 3, 4)}
-    assert "layer4.0.downsample.0" not in {n for n, m in Backbone("resnet50", 3, dilation=True).body.named_modules()
-                                           if isinstance(m, SubsampledConv2d)}
-    reference = getattr(torchvision.models, name)(norm_layer=torchvision.ops.FrozenBatchNorm2d)
-    del reference.fc, reference.avgpool
-    assert list(reference.state_dict()) == list(bb.body.state_dict())
-    reference.load_state_dict(bb.body.state_dict())
-    for layout in (torch.contiguous_format, torch.channels_last):
-        conv, plain = bb.body.layer3[0].downsample[0], reference.layer3[0].downsample[0]
-        x = torch.randn(2, conv.in_channels, 13, 10).to(memory_format=layout).requires_grad_()
-        out, ref = conv(x), plain(x)
-        # under autograd the convolution's input is the subsampled slice, not x itself
-        assert [type(f).__name__ for f, _ in out.grad_fn.next_functions if f is not None][0] == "SliceBackward0"
-        assert out.shape == ref.shape == (2, conv.out_channels, 7, 5)  # ceil(13 / 2), ceil(10 / 2)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-        g = torch.randn_like(ref)
-        expected = torch.autograd.grad(ref, (x, plain.weight), g)
-        for got, exp in zip(torch.autograd.grad(out, (x, conv.weight), g), expected):
-            torch.testing.assert_close(got, exp, atol=1e-4, rtol=1e-4)
-        with torch.no_grad():  # inference: the strided convolution itself, bit for bit
-            assert torch.equal(conv(x), plain(x))
-    images, mask = torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool)
-    with torch.no_grad():
-        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(bb(images, mask), _resnet_features(reference, images)))
-
-
-def _resnet_features(body: nn.Module, images: torch.Tensor) -> list[tuple[torch.Tensor, None]]:
-    x = body.maxpool(body.relu(body.bn1(body.conv1(images))))
-    outs = []
-    for layer in (body.layer1, body.layer2, body.layer3, body.layer4):
-        x = layer(x)
-        outs.append((x, None))
-    return outs[1:]
 
 
 # ---- timm ---------------------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ EPYC (its forward and input gradient at 100-150): ResNet-50's 3x3s at 800x1333 t
 gradient alone. Laid out on the zero-padded pixel grid, the input seen by tap (i, j) is the same matrix shifted by
 i * dilation grid rows plus j * dilation pixels (strided: within one of the stride x stride phase grids), so the
 tap's gradient is one (out, pixels) x (pixels, in) GEMM on views of one padded copy (an im2col buffer would be
-k * k copies). In channels_last (pixels, channels) matrices, 1.4-3.9x oneDNN's time at ResNet-50's shapes; NCHW
-(channels, pixels), where oneDNN's own is 2-4x faster than in channels_last, 0.8-1.9x."""
+k * k copies). In channels_last (pixels, channels) matrices 1.4-3.9x faster than oneDNN at ResNet-50's shapes;
+in NCHW (channels, pixels), where oneDNN's own is 2-4x faster than in channels_last, 0.8-1.9x."""
 
 from __future__ import annotations
 
