@@ -297,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement, after a warm-up")
     parser.add_argument("--train", nargs="+", choices=["fp32", "bf16", "none"], default=["fp32", "bf16"],
-                        help="training steps to time (none: inference only, e.g. for batch sizes whose HF training "
-                             "step does not fit in memory)")
+                        help="training steps to time, ours in channels_last as `ddetr train` runs it (none: "
+                             "inference only, e.g. for batch sizes whose HF training step does not fit in memory)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
                         help="time bf16 autocast (inference, and training if --train has bf16): auto = where the "
