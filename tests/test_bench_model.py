@@ -72,3 +72,25 @@ def test_bench_model_times_bf16_only_where_the_cpu_computes_it(capsys, monkeypat
     assert "bf16 not timed: this CPU has no bf16 instructions" in out
     assert "### bf16 autocast inference" not in out and "| bf16 |" not in out
     assert "### one training step" in out and "| fp32 |" in out
+
+
+def test_bench_model_keeps_freed_memory_only_when_asked(capsys, monkeypatch, one_thread):
+    """--keep-freed-memory: the allocator `ddetr train` and `eval` use on CPU, for both implementations (it is
+    process-wide), said in the header; by default glibc's, as a user's own script has it."""
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args):
+        raise Stop
+
+    monkeypatch.setattr(bench_model, "keep_freed_memory", lambda: calls.append(True) or True)
+    monkeypatch.setattr(bench_model, "bench_preset", stop)
+    argv = ["--presets", "deformable-detr", "--batch", "1", "--threads", "1", "--train", "none"]
+    with pytest.raises(Stop):
+        bench_model.main(argv)
+    assert calls == [] and "default allocator" in capsys.readouterr().out
+    with pytest.raises(Stop):
+        bench_model.main([*argv, "--keep-freed-memory"])
+    assert calls == [True] and "freed memory kept in the heap" in capsys.readouterr().out

@@ -13,6 +13,12 @@ from ddetr.ops.linear import linear
 needs_onednn = pytest.mark.skipif(not L.onednn_linear_available(), reason="oneDNN linear op not in this build")
 
 
+@pytest.fixture(autouse=True)
+def onednn_wherever_it_runs(monkeypatch):
+    """fp32 takes oneDNN only where it is the faster (AVX-512); these tests check it on any CPU that runs it."""
+    monkeypatch.setattr(L, "onednn_linear_faster", L.onednn_linear_available)
+
+
 @pytest.fixture
 def onednn_calls(monkeypatch):
     """Counts the calls that reach oneDNN's op (both overloads)."""
@@ -83,7 +89,7 @@ def test_falls_back_to_f_linear_with_autograd_other_dtypes_or_no_onednn(onednn_c
     with torch.no_grad():
         out64 = linear(x64, w64, b64, relu=True)
     assert out64.dtype == torch.float64 and (out64 - F.linear(x64, w64, b64).relu()).abs().max() < 1e-12
-    monkeypatch.setattr(L, "onednn_linear_available", lambda: False)
+    monkeypatch.setattr(L, "onednn_linear_faster", lambda: False)
     with torch.no_grad():
         plain = linear(x, w, b, relu=True)
     assert (plain - F.linear(x, w, b).relu()).abs().max() < 1e-6
@@ -110,9 +116,12 @@ def test_the_encoder_inference_path_runs_its_gemms_through_onednn(onednn_calls) 
     assert onednn_calls.count("unary") >= 2 * 4 and onednn_calls.count("binary") >= 2 * 2
 
 
-def test_linear_module_trains_through_onednn_with_f_linears_gradients(monkeypatch) -> None:
-    """`Linear` in fp32 CPU training: oneDNN output and input gradient, MKL weight gradient; the same values and
-    gradients as nn.Linear, the output may be filled in place (the attention zeroes padding in it)."""
+@pytest.mark.parametrize("onednn_faster", [True, False], ids=["avx512", "avx2"])
+def test_linear_module_trains_through_onednn_with_f_linears_gradients(monkeypatch, onednn_faster) -> None:
+    """`Linear` in fp32 CPU training: oneDNN output and input gradient, MKL weight gradient where oneDNN is the
+    faster (AVX-512), F.linear elsewhere; the same values and gradients as nn.Linear, the output may be filled in
+    place (the attention zeroes padding in it)."""
+    monkeypatch.setattr(L, "onednn_linear_faster", lambda: onednn_faster and L.onednn_linear_available())
     calls = []
     real = L._OneDNNLinear.apply
     monkeypatch.setattr(L._OneDNNLinear, "apply", lambda *a: calls.append(1) or real(*a))
@@ -131,7 +140,7 @@ def test_linear_module_trains_through_onednn_with_f_linears_gradients(monkeypatc
         (y * torch.linspace(-1, 1, 96)).square().sum().backward()
         outs.append(y.detach())
         grads.append((xi.grad, module.weight.grad, module.bias.grad))
-    expected = int(L.onednn_linear_available())
+    expected = int(onednn_faster and L.onednn_linear_available())
     assert len(calls) == expected
     assert (outs[0] - outs[1]).abs().max() < 1e-5
     for a, b in zip(*grads):
@@ -140,6 +149,21 @@ def test_linear_module_trains_through_onednn_with_f_linears_gradients(monkeypatc
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert ours(x).dtype == torch.bfloat16  # autocast: F.linear, cast by autocast
     assert len(calls) == expected
+
+
+@pytest.mark.parametrize(("capability", "expected"), [("AVX512", True), ("AVX2", False), ("DEFAULT", False)])
+def test_fp32_takes_onednn_only_where_it_is_the_faster(monkeypatch, capability, expected) -> None:
+    """Measured: oneDNN's fp32 GEMMs beat MKL's with AVX-512 and lose to them on AVX2-only CPUs, in inference
+    and training alike; bf16 is oneDNN's wherever it computes it."""
+    monkeypatch.undo()  # the real policy, not this module's fixture
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(L, "onednn_linear_available", lambda: True)
+    L.onednn_linear_faster.cache_clear()
+    try:
+        assert L.onednn_linear_faster() is expected
+        assert L._onednn_dtype(torch.float32) is expected
+    finally:
+        L.onednn_linear_faster.cache_clear()
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace's deprecation notice

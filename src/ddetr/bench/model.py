@@ -10,7 +10,9 @@ Our weights are loaded into HF through ``ddetr.interop.hf`` and the fp32 outputs
 the two time the same network. CPU memory is the growth of the process's peak RSS during one call (Linux:
 the high-water mark is reset through /proc/self/clear_refs after freed memory is returned with malloc_trim);
 CUDA memory is max_memory_allocated minus what was allocated before the call. Images are random, unpadded,
-of one size.
+of one size. By default glibc serves each large buffer with a fresh ``mmap`` (every call page-faults it anew, as
+in a user's own script); ``--keep-freed-memory`` keeps freed memory in the heap for the whole process, ours and
+HF alike, as ddetr's CPU commands do. HF's times drop more than ours with it (its step allocates more).
 
     ddetr bench model --quick                              # 256x320 smoke test, all paper presets
     ddetr bench model --presets deformable-detr --batch 1  # 800x1333 (or: python benchmarks/model.py ...)
@@ -38,6 +40,7 @@ from torch import nn
 import ddetr.ops
 from ddetr.bench.model_tables import print_tables
 from ddetr.engine.device import native_bf16
+from ddetr.engine.malloc import keep_freed_memory
 from ddetr.interop.hf import ours_to_hf, ours_to_hf_config, v4_to_v5
 from ddetr.models import DeformableDETR, build, preset
 from ddetr.models.inference_ready import prepare_for_inference
@@ -304,17 +307,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="time bf16 autocast (inference, and training if --train has bf16): auto = where the "
                              "device computes bf16 natively (emulated bf16 on a CPU without AVX512-BF16/AMX is "
                              "several times slower than fp32 and measures PyTorch's emulation, not the model)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="keep freed memory in the heap, as ddetr's CPU commands do (train, eval, predict, "
+                             "demo; process-wide: HF gets it too); default: glibc's, as a user's own script has it")
     parser.add_argument("--quick", action="store_true", help="256x320 images: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
         args.size = [256, 320]
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    kept = args.keep_freed_memory and device.type == "cpu" and keep_freed_memory()
     probe = torch.empty(0, device=device)
     cpu = platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {device} ({cpu}), "
           f"{torch.get_num_threads()} threads, image {args.size[0]}x{args.size[1]}, best of {args.repeats} "
-          f"after a warm-up; our MSDA backends available: {ddetr.ops.available_backends(probe)}")
+          f"after a warm-up, {'freed memory kept in the heap' if kept else 'default allocator'}; "
+          f"our MSDA backends available: {ddetr.ops.available_backends(probe)}")
     bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and native_bf16(device))
     if not bf16:
         print(f"bf16 not timed: {'--bf16 no' if args.bf16 == 'no' else 'this CPU has no bf16 instructions'}")

@@ -1,4 +1,4 @@
-"""`ddetr bench op | model | paper-claims | contention | predict`: the benchmarks of ddetr.bench."""
+"""`ddetr bench op | model | paper-claims | contention | predict | step-ops`: the benchmarks of ddetr.bench."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "paper-claims": ("paper_claims", "the paper's Table 1/2 and convergence claims in miniature (demo-* presets)"),
     "contention": ("contention", "a training step on a quiet CPU and next to a busy process, per thread setting"),
     "predict": ("predict", "images/s of the predict loop (batched, threads decoding ahead) vs one at a time"),
+    "step-ops": ("step_ops", "where a training step's time goes per kind of operator, with GFLOP/s, ours and HF's"),
 }
 
 

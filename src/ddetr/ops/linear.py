@@ -2,8 +2,10 @@
 
 On x86 CPUs PyTorch's fp32 ``addmm`` and ``mm`` go to MKL's sgemm, which on the AMD EPYC hosts this project is
 measured on reaches ~145 GFLOP/s on two cores where oneDNN's matmul reaches ~180-200 (README, speed: the encoder's
-FFN in chunks 206 -> 161 ms per layer). `linear` uses oneDNN without autograd (bias, ReLU and residual fused); `Linear`
-(an ``nn.Linear``) also in fp32 training, where oneDNN computes the output and the input gradient and MKL the weight
+FFN in chunks 206 -> 161 ms per layer). Those hosts have AVX-512; on an AVX2-only
+EPYC MKL's sgemm is the faster (1.05-1.06x, whole steps), so fp32 goes to oneDNN only with AVX-512
+(`onednn_linear_faster`). `linear` uses oneDNN without autograd (bias, ReLU and residual fused); `Linear` (an
+``nn.Linear``) also in fp32 training, where oneDNN computes the output and the input gradient and MKL the weight
 gradient (faster there). bf16 autocast already reaches oneDNN through PyTorch; GPUs, tracing, export and compilation
 get ``F.linear``.
 """
@@ -33,8 +35,15 @@ def onednn_bf16_available() -> bool:
     return onednn_linear_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+@cache
+def onednn_linear_faster() -> bool:
+    """oneDNN's fp32 GEMMs beat MKL's sgemm here: with AVX-512 (800x1333 training step 1.07-1.13x, encoder chunks
+    1.28x); on an AVX2-only AMD EPYC (Zen 3) MKL's are the faster (training step 1.06x, inference 1.05x; README)."""
+    return onednn_linear_available() and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def _onednn_dtype(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and onednn_bf16_available())
+    return (dtype == torch.float32 and onednn_linear_faster()) or (dtype == torch.bfloat16 and onednn_bf16_available())
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -47,12 +56,12 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, relu: bool = False,
            residual: Tensor | None = None) -> Tensor:
     """``x @ weight.T + bias``, then ``+ residual`` or ReLU (not both), in ``compute_dtype(x)`` as ``F.linear``
-    under autocast would; oneDNN on CPU in fp32 or bf16 without autograd, ``F.linear`` otherwise."""
+    under autocast would; oneDNN on CPU without autograd in fp32 where it is the faster and in bf16 where it
+    computes it, ``F.linear`` otherwise."""
     if relu and residual is not None:
         raise ValueError("linear: relu and residual are exclusive")
     dtype = compute_dtype(x)
-    fused = (x.device.type == "cpu" and _onednn_dtype(dtype) and not torch.is_grad_enabled()
-             and onednn_linear_available() and not capturing())
+    fused = x.device.type == "cpu" and _onednn_dtype(dtype) and not torch.is_grad_enabled() and not capturing()
     if not fused:
         y = F.linear(x, weight, bias)
         if residual is not None:
@@ -66,9 +75,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, relu: bool = False
 
 
 def _onednn_fp32_training(x: Tensor, weight: Tensor) -> bool:
-    """Autograd on, fp32 on a CPU without autocast, no graph being recorded: the case `_OneDNNLinear` serves."""
+    """Autograd on, fp32 on a CPU without autocast whose oneDNN is the faster, no graph being recorded: the case
+    `_OneDNNLinear` serves."""
     return (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and onednn_linear_available() and not capturing())
+            and not torch.is_autocast_enabled("cpu") and onednn_linear_faster() and not capturing())
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -97,8 +107,8 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, names and init) whose fp32 CPU training runs through oneDNN (1.2-1.6x MKL's
-    sgemm on the output and the input gradient at the encoder's sizes; README, speed)."""
+    """``nn.Linear`` (same parameters, names and init) whose fp32 CPU training runs through oneDNN on AVX-512 CPUs
+    (1.2-1.6x MKL's sgemm on the output and the input gradient at the encoder's sizes there; README, speed)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() >= 2 and _onednn_fp32_training(x, self.weight):
