@@ -24,6 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ddetr.bench.model import hf_twin, random_targets
+from ddetr.cli.common import positive_int
 from ddetr.engine.malloc import keep_freed_memory
 from ddetr.models import build, preset
 
@@ -170,11 +171,12 @@ def step_ops_preset(name: str, batch: int, size: tuple[int, int], repeats: int, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ddetr bench step-ops", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["deformable-detr"])
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"))
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--repeats", type=int, default=2, help="untimed steps after a warm-up; the fastest is shown")
-    parser.add_argument("--top", type=int, default=12, help="operators listed per implementation")
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--size", type=positive_int, nargs=2, default=[800, 1333], metavar=("H", "W"))
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch intra-op threads")
+    parser.add_argument("--repeats", type=positive_int, default=2,
+                        help="untimed steps after a warm-up; the fastest is shown")
+    parser.add_argument("--top", type=positive_int, default=12, help="operators listed per implementation")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="keep freed memory in the heap for the whole process, as ddetr's CPU commands do")
     args = parser.parse_args(argv)
