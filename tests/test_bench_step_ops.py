@@ -28,6 +28,12 @@ def test_flops_of_products_and_convolutions():
     per_output = 4 * 3 * 3
     assert timer.flops["convolution"] == 2 * y.numel() * per_output
     assert timer.flops["convolution_backward"] == 2 * 2 * y.numel() * per_output  # input and weight gradients
+    x2, w2, r = torch.randn(5, 3), torch.randn(7, 3), torch.randn(5, 7)
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # oneDNN's linear, both overloads (inference fuses a residual)
+        with step_ops.OpTimer() as onednn:
+            torch.ops.mkldnn._linear_pointwise(x2, w2, None, "none", [], "")
+            torch.ops.mkldnn._linear_pointwise.binary(x2, r, w2, None, "add")
+        assert onednn.flops["_linear_pointwise"] == 2 * (2 * 5 * 3 * 7)
     assert step_ops.kind("convolution_backward") == "convolutions" and step_ops.kind("mm") == "dense products"
     assert step_ops.kind("grid_sampler_2d") == step_ops.kind("ms_deform_attn_cpu") == "attention sampling"
 

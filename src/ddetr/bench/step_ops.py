@@ -31,6 +31,7 @@ from ddetr.models import build, preset
 GEMMS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "_linear_pointwise", "_addmm_activation"}
 SAMPLING = {"grid_sampler_2d", "grid_sampler_2d_backward"}
 CONV_MODULE = os.path.join("ddetr", "ops", "conv.py")  # its GEMMs are convolution weight gradients
+TAPWISE = " (tap-wise convolution weight gradient)"  # appended to the GEMMs called from CONV_MODULE
 KINDS = ("dense products", "convolutions", "attention sampling", "everything else")
 
 
@@ -47,7 +48,7 @@ def _called_from(filename_end: str, depth: int = 6) -> bool:
 
 
 def kind(name: str) -> str:
-    if name.endswith("(tap-wise convolution weight gradient)"):
+    if name.endswith(TAPWISE):
         return KINDS[1]
     if name in GEMMS:
         return KINDS[0]
@@ -58,10 +59,10 @@ def kind(name: str) -> str:
     return KINDS[3]
 
 
-def flops(name: str, args: tuple, out: object) -> float:
+def flops(name: str, args: tuple, out: object, overload: str = "default") -> float:
     """Multiply-adds x 2 of a product or convolution call, from its operand shapes; 0 for anything else."""
     t = [a for a in args if isinstance(a, torch.Tensor)]
-    name = name.split(" ")[0]
+    name = name.removesuffix(TAPWISE)
     if name == "mm":
         return 2.0 * t[0].shape[0] * t[0].shape[1] * t[1].shape[1]
     if name in ("addmm", "addmm_", "_addmm_activation"):
@@ -70,8 +71,8 @@ def flops(name: str, args: tuple, out: object) -> float:
         return 2.0 * t[0].shape[0] * t[0].shape[1] * t[0].shape[2] * t[1].shape[2]
     if name == "baddbmm":
         return 2.0 * t[1].shape[0] * t[1].shape[1] * t[1].shape[2] * t[2].shape[2]
-    if name == "_linear_pointwise":  # x (..., k), w (n, k)
-        return 2.0 * t[0].numel() * t[1].shape[0]
+    if name == "_linear_pointwise":  # x (..., k), w (n, k); the binary overload has the residual before w
+        return 2.0 * t[0].numel() * t[2 if overload == "binary" else 1].shape[0]
     if name == "convolution" and isinstance(out, torch.Tensor):
         w = t[1]
         return 2.0 * out.numel() * (w.numel() // w.shape[0])
@@ -96,10 +97,10 @@ class OpTimer(TorchDispatchMode):
         elapsed = time.perf_counter() - start
         name = func.overloadpacket.__name__
         if name in GEMMS and _called_from(CONV_MODULE):
-            name += " (tap-wise convolution weight gradient)"
+            name += TAPWISE
         self.seconds[name] += elapsed
         self.calls[name] += 1
-        self.flops[name] += flops(name, args, out)
+        self.flops[name] += flops(name, args, out, func._overloadname)
         return out
 
 
